@@ -1,0 +1,1 @@
+"""Everything that touches sockets and processes: the agent and the client."""

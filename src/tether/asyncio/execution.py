@@ -1,0 +1,281 @@
+"""Running one ``exec`` request as a child process group (docs/protocol.md §4.4).
+
+Output is pushed, not pulled: the child's pipes feed ``stdout``/``stderr``
+frames straight into the connection, and are paused while the connection's
+socket buffer is full, so a slow client slows the command instead of growing
+the agent's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any, Protocol, cast
+
+from ..exceptions import RemoteError
+from ..messages import ErrorCode, Exec, Exit, Message, Signal, Stderr, Stdin, Stdout
+
+__all__ = ["ExecRunner", "OutputSink"]
+
+log = logging.getLogger("tether.exec")
+
+OUTPUT_GRACE = 0.5  # seconds a pipe may stay silent after the main process exits
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for the process group
+_STDIN, _STDOUT, _STDERR = 0, 1, 2
+
+
+class OutputSink(Protocol):
+    """What a runner needs from its connection."""
+
+    def send(self, msg: Message) -> None: ...
+    def hold_input(self, key: object) -> None: ...
+    def release_input(self, key: object) -> None: ...
+    def track(self, task: asyncio.Task[Any]) -> None: ...
+
+
+class _ChildProtocol(asyncio.SubprocessProtocol):
+    def __init__(self, runner: ExecRunner) -> None:
+        self.runner = runner
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        assert isinstance(data, bytes)
+        self.runner._on_output(fd, data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self.runner._on_pipe_closed(fd)
+
+    def process_exited(self) -> None:
+        self.runner._on_exit()
+
+    def pause_writing(self) -> None:  # the child's stdin is full
+        self.runner.sink.hold_input(self.runner)
+
+    def resume_writing(self) -> None:
+        self.runner.sink.release_input(self.runner)
+
+
+class ExecRunner:
+    """One child process group and the frames that describe it."""
+
+    def __init__(self, request: Exec, sink: OutputSink, *, cwd: str, env: dict[str, str]) -> None:
+        self.request = request
+        self.sink = sink
+        self.cwd = cwd
+        self.env = env
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.timed_out = False
+        self._open_pipes = {_STDOUT, _STDERR}
+        self._exited = asyncio.get_running_loop().create_future()
+        self._done = asyncio.get_running_loop().create_future()
+        self._output_paused = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._terminating: asyncio.Task[None] | None = None
+        self._abandoned = False
+        self._early_stdin: list[Stdin] = []
+        self._starting = object()  # holds the connection's input while starting
+        self.started = time.monotonic()
+
+    @property
+    def argv(self) -> list[str]:
+        if self.request.shell is not None:
+            return ["/bin/sh", "-c", self.request.shell]
+        return list(self.request.argv or [])
+
+    async def run(self) -> Exit:
+        """Start the program, stream its output, and return its ``exit`` frame.
+
+        Raises:
+            RemoteError: the program could not be started.
+        """
+        loop = asyncio.get_running_loop()
+        argv = self.argv
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: _ChildProtocol(self),
+                *argv,
+                stdin=asyncio.subprocess.PIPE if self.request.stdin else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=self.cwd,
+                env=self.env,
+                start_new_session=True,  # its own process group, so all of it can be signalled
+            )
+        except FileNotFoundError:
+            raise RemoteError(ErrorCode.NOT_FOUND, f"no such program: {argv[0]}") from None
+        except PermissionError:
+            raise RemoteError(
+                ErrorCode.PERMISSION_DENIED, f"permission denied: {argv[0]}"
+            ) from None
+        except OSError as exc:
+            raise RemoteError(
+                ErrorCode.EXEC_FAILED, f"cannot run {argv[0]}: {exc.strerror}"
+            ) from None
+        finally:
+            # Reading resumes only once this returns to the loop, after the
+            # early input below has been written.
+            self.sink.release_input(self._starting)
+        self.transport = transport
+        for early in self._early_stdin:
+            self._write_stdin(early)
+        self._early_stdin.clear()
+        timer = None
+        if self.request.timeout is not None:
+            timer = loop.call_later(self.request.timeout, self._on_timeout)
+        try:
+            await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            # The client went away or the agent is stopping: nothing of the
+            # command may outlive the request.
+            self._abandoned = True
+            self._start_terminating()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self.sink.release_input(self)
+        transport.close()
+        return self._exit_message()
+
+    def control(self, msg: Message) -> None:
+        """Apply a ``stdin`` or ``signal`` frame for this request."""
+        if isinstance(msg, Stdin):
+            self._write_stdin(msg)
+        elif isinstance(msg, Signal):
+            self._kill(getattr(signal, "SIG" + msg.signal))
+
+    # Output ---------------------------------------------------------------
+
+    def _on_output(self, fd: int, data: bytes) -> None:
+        self.sink.send((Stdout if fd == _STDOUT else Stderr)(self.request.id, data))
+        if self._exited.done():
+            self._arm_idle_timer()
+
+    def _on_pipe_closed(self, fd: int) -> None:
+        self._open_pipes.discard(fd)
+        self._maybe_done()
+
+    def _on_exit(self) -> None:
+        if not self._exited.done():
+            self._exited.set_result(None)
+        self._arm_idle_timer()
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self._exited.done() and not self._open_pipes and not self._done.done():
+            self._done.set_result(None)
+
+    def pause_output(self) -> None:
+        self._output_paused = True
+        self._set_reading(False)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()  # paused is not idle: the pipe may still hold output
+
+    def resume_output(self) -> None:
+        self._output_paused = False
+        self._set_reading(True)
+        if self._exited.done():
+            self._arm_idle_timer()
+
+    def _set_reading(self, on: bool) -> None:
+        if self.transport is None:
+            return
+        for fd in (_STDOUT, _STDERR):
+            # uvloop's pipes do not subclass asyncio's transports: cast, do not check.
+            pipe = cast(asyncio.ReadTransport | None, self.transport.get_pipe_transport(fd))
+            if pipe is not None and not pipe.is_closing():
+                if on and not pipe.is_reading():
+                    pipe.resume_reading()
+                elif not on and pipe.is_reading():
+                    pipe.pause_reading()
+
+    def _arm_idle_timer(self) -> None:
+        # After the main process exits, a pipe that stays silent for
+        # OUTPUT_GRACE is held open by something else (``sleep 60 &``): stop
+        # waiting for it rather than hang the call.
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self._open_pipes and not self._output_paused:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(OUTPUT_GRACE, self._close_output)
+
+    def _close_output(self) -> None:
+        if self.transport is None:
+            return
+        for fd in list(self._open_pipes):
+            pipe = self.transport.get_pipe_transport(fd)
+            if pipe is not None:
+                pipe.close()
+            self._open_pipes.discard(fd)
+        self._maybe_done()
+
+    # Input ----------------------------------------------------------------
+
+    def _write_stdin(self, msg: Stdin) -> None:
+        if self.transport is None:
+            # Input may arrive while the child is being started.
+            self._early_stdin.append(msg)
+            self.sink.hold_input(self._starting)  # and no more until it has started
+            return
+        pipe = self.transport.get_pipe_transport(_STDIN) if self.transport else None
+        pipe = cast(asyncio.WriteTransport | None, pipe)
+        if pipe is None or pipe.is_closing():
+            return  # no stdin asked for, or the child closed it: input is dropped
+        if msg.body:
+            pipe.write(msg.body)
+        if msg.eof:
+            pipe.close()  # flushes what is buffered, then closes
+
+    # Termination -----------------------------------------------------------
+
+    def _kill(self, sig: int) -> None:
+        if self.transport is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
+            os.killpg(self.transport.get_pid(), sig)
+
+    def _on_timeout(self) -> None:
+        self.timed_out = True
+        self._start_terminating()
+
+    def _start_terminating(self) -> None:
+        if self._terminating is None:
+            self._terminating = asyncio.get_running_loop().create_task(self._terminate())
+            self.sink.track(self._terminating)
+
+    async def _terminate(self) -> None:
+        """SIGTERM to the group; SIGKILL to whatever is left after KILL_GRACE."""
+        self._kill(signal.SIGTERM)
+        deadline = time.monotonic() + KILL_GRACE
+        await asyncio.wait([self._exited], timeout=KILL_GRACE)
+        while self._group_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._kill(signal.SIGKILL)
+        await asyncio.wait([self._exited], timeout=KILL_GRACE)
+        if self._abandoned and self.transport is not None:
+            self.transport.close()  # the request is gone: nobody else will
+
+    def _group_alive(self) -> bool:
+        if self.transport is None:
+            return False
+        try:
+            os.killpg(self.transport.get_pid(), 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def _exit_message(self) -> Exit:
+        assert self.transport is not None
+        code = self.transport.get_returncode()
+        if code is not None and code < 0:
+            try:
+                name: str | None = signal.Signals(-code).name.removeprefix("SIG")
+            except ValueError:
+                name = None
+            return Exit(self.request.id, signal=-code, signal_name=name, timed_out=self.timed_out)
+        return Exit(self.request.id, status=code, timed_out=self.timed_out)

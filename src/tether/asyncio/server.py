@@ -1,0 +1,417 @@
+"""The agent: listeners, one :class:`ServerConnection` per client, the op table.
+
+Every protocol decision is made by :class:`tether.protocol.ServerProtocol`;
+this module moves bytes, runs handlers and keeps time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import locale
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from ..exceptions import RemoteError
+from ..limits import DEFAULT_PORT, HELLO_TIMEOUT, PROTOCOL_VERSION, Limits
+from ..messages import Echo, Error, ErrorCode, Exec, Exit, Hello, HelloReply, Message, Ok
+from ..protocol import (
+    ConnectionFailed,
+    ControlReceived,
+    HelloReceived,
+    RequestReceived,
+    ServerProtocol,
+)
+from .execution import ExecRunner
+from .udp import PingResponder
+
+__all__ = ["Server", "ServerConfig", "ServerConnection"]
+
+log = logging.getLogger("tether.server")
+
+AUTH_FAILURE_DELAY = 0.2  # seconds before a refused hello is answered
+
+
+@dataclass
+class ServerConfig:
+    """How an agent listens and what it allows."""
+
+    token: str
+    hosts: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    port: int = DEFAULT_PORT
+    unix_path: str | None = None
+    tcp: bool = True
+    udp: bool = True
+    root: Path = field(default_factory=Path.cwd)
+    allow_exec: bool = True
+    grace: float = 10.0  # seconds running requests get to finish on stop
+    backlog: int = 128
+    hello_timeout: float = HELLO_TIMEOUT
+    limits: Limits = field(default_factory=Limits)
+    name: str = field(default_factory=socket.gethostname)
+
+
+Handler = Callable[["ServerConnection", Any], Awaitable[Message]]
+
+
+class ServerConnection(asyncio.Protocol):
+    """One client connection: its protocol state, its running requests."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.protocol = ServerProtocol(server.config.limits)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.identity: str | None = None
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.runners: dict[int, ExecRunner] = {}
+        self._hello_timer: asyncio.TimerHandle | None = None
+        self._input_holders: set[object] = set()
+        self._write_paused = False
+        self.closed = False
+
+    # asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's: cast, do not assert.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = _format_peer(peer)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self._hello_timer = loop.call_later(self.server.config.hello_timeout, self._hello_timeout)
+        log.debug("%s: connected", self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        self.protocol.receive_data(data)
+        self._process_events()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; running requests are cancelled
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        for task in self.tasks.values():
+            task.cancel()
+        self.server.connections.discard(self)
+        log.debug("%s: disconnected", self.peer)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        for runner in self.runners.values():
+            runner.pause_output()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for runner in self.runners.values():
+            runner.resume_output()
+
+    # What handlers and runners use ----------------------------------------------
+
+    def send(self, msg: Message) -> None:
+        if self.closed:
+            return
+        self.protocol.send(msg)
+        self._flush()
+
+    def hold_input(self, key: object) -> None:
+        """Stop reading from the client until ``release_input(key)``."""
+        if not self._input_holders and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._input_holders.add(key)
+
+    def release_input(self, key: object) -> None:
+        if key not in self._input_holders:
+            return
+        self._input_holders.discard(key)
+        if not self._input_holders and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self.server.track(task)
+
+    # Internals ----------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self.protocol.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(data)
+
+    def _process_events(self) -> None:
+        for event in self.protocol.events_received():
+            if isinstance(event, RequestReceived):
+                self._start_request(event.request)
+            elif isinstance(event, ControlReceived):
+                runner = self.runners.get(event.message.id)
+                if runner is not None:
+                    runner.control(event.message)
+            elif isinstance(event, HelloReceived):
+                self._on_hello(event.hello)
+            elif isinstance(event, ConnectionFailed):
+                log.info("%s: closing connection: %s: %s", self.peer, event.code, event.message)
+                self._close()
+        self._flush()
+
+    def _close(self) -> None:
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _hello_timeout(self) -> None:
+        if self.identity is None and not self.closed:
+            self.protocol.fail(ErrorCode.HELLO_TIMEOUT, "no successful hello in time")
+            log.info("%s: closing connection: no hello in time", self.peer)
+            self._close()
+
+    def _on_hello(self, hello: Hello) -> None:
+        identity = self.server.authenticate(hello.token)
+        if identity is None:
+            # Answer late, and read nothing meanwhile, to slow token guessing.
+            if self.transport is not None:
+                self.transport.pause_reading()
+            log.warning("%s: authentication failed", self.peer)
+            asyncio.get_running_loop().call_later(AUTH_FAILURE_DELAY, self._reject_hello)
+            return
+        self.identity = identity
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        config = self.server.config
+        self.protocol.accept_hello(
+            HelloReply(
+                0,
+                version=PROTOCOL_VERSION,
+                server=config.name,
+                encoding=self.server.encoding,
+                max_header=config.limits.max_header,
+                max_body=config.limits.max_body,
+            )
+        )
+        log.info("%s: authenticated as %s", self.peer, identity)
+
+    def _reject_hello(self) -> None:
+        self.protocol.reject_hello(ErrorCode.AUTH_FAILED, "authentication failed")
+        self._close()
+
+    def _start_request(self, request: Message) -> None:
+        if self.server.stopping:
+            self._finish(
+                request.id, Error(request.id, ErrorCode.SHUTTING_DOWN, "agent is stopping")
+            )
+            return
+        handler = HANDLERS[type(request)]
+        task = asyncio.get_running_loop().create_task(self._run_request(handler, request))
+        self.tasks[request.id] = task
+
+    async def _run_request(self, handler: Handler, request: Message) -> None:
+        try:
+            final = await handler(self, request)
+        except RemoteError as exc:
+            final = Error(request.id, exc.code, exc.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: request %d (%s) failed", self.peer, request.id, request.OP)
+            final = Error(request.id, ErrorCode.INTERNAL, "internal error in the agent")
+        finally:
+            self.tasks.pop(request.id, None)
+            self.runners.pop(request.id, None)
+        self._finish(request.id, final)
+
+    def _finish(self, request_id: int, final: Message) -> None:
+        if not self.closed:
+            self.protocol.finish_request(request_id, final)
+            self._flush()
+
+
+def _format_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return "unix" if not peer else str(peer)
+
+
+# Handlers: the explicit op table (docs/protocol.md §3). Nothing else dispatches.
+
+
+async def handle_echo(conn: ServerConnection, request: Echo) -> Message:
+    return Ok(request.id, body=request.body)
+
+
+async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
+    if not conn.server.config.allow_exec:
+        raise RemoteError(ErrorCode.FORBIDDEN, "exec is disabled on this agent")
+    if (request.argv is None) == (request.shell is None):
+        raise RemoteError(ErrorCode.BAD_REQUEST, "exec needs exactly one of argv and shell")
+    if request.argv is not None and not request.argv:
+        raise RemoteError(ErrorCode.BAD_REQUEST, "exec argv is empty")
+    if request.timeout is not None and request.timeout <= 0:
+        raise RemoteError(ErrorCode.BAD_REQUEST, "exec timeout must be > 0")
+    root = conn.server.config.root
+    cwd = os.path.join(root, request.cwd) if request.cwd else os.fspath(root)
+    if not os.path.isdir(cwd):
+        raise RemoteError(ErrorCode.NOT_FOUND, f"no such directory: {request.cwd}")
+    env = {**os.environ, **(request.env or {})}
+    runner = ExecRunner(request, conn, cwd=cwd, env=env)
+    conn.runners[request.id] = runner
+    if conn._write_paused:
+        runner.pause_output()
+    started = time.monotonic()
+    outcome = "error"
+    try:
+        result: Exit = await runner.run()
+        outcome = _describe_exit(result)
+        return result
+    except asyncio.CancelledError:
+        outcome = "cancelled"
+        raise
+    except RemoteError as exc:
+        outcome = f"{exc.code}: {exc.message}"
+        raise
+    finally:
+        log.info(
+            "%s: exec id=%d argv=%r cwd=%r -> %s in %.3fs",
+            conn.peer,
+            request.id,
+            runner.argv,
+            cwd,
+            outcome,
+            time.monotonic() - started,
+        )
+
+
+def _describe_exit(result: Exit) -> str:
+    what = (
+        f"signal {result.signal_name or result.signal}"
+        if result.signal
+        else f"exit {result.status}"
+    )
+    return what + (" (timed out)" if result.timed_out else "")
+
+
+HANDLERS: dict[type[Message], Handler] = {
+    Echo: handle_echo,
+    Exec: handle_exec,
+}
+
+
+class Server:
+    """An agent: its listeners, connections and background tasks."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.encoding = locale.getpreferredencoding(False)
+        self.connections: set[ServerConnection] = set()
+        self.stopping = False
+        self.addresses: list[str] = []
+        self._servers: list[asyncio.Server] = []
+        self._udp: list[asyncio.DatagramTransport] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+
+    def authenticate(self, token: str) -> str | None:
+        """The identity ``token`` belongs to, or ``None``; constant time."""
+        if token and hmac.compare_digest(token.encode(), self.config.token.encode()):
+            return "default"
+        return None
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep ``task`` alive, and wait for it before the agent exits."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        """Open every listener.
+
+        Raises:
+            OSError: an address could not be bound.
+        """
+        loop = asyncio.get_running_loop()
+        config = self.config
+        port = config.port
+        if config.tcp:
+            for host in config.hosts:
+                server = await loop.create_server(
+                    lambda: ServerConnection(self),
+                    host,
+                    port,
+                    reuse_address=True,
+                    backlog=config.backlog,
+                )
+                self._servers.append(server)
+                bound = server.sockets[0].getsockname()
+                port = bound[1]  # port 0: every host shares the first one picked
+                self.addresses.append(f"tcp {_format_peer(bound)}")
+                if config.udp:
+                    udp, _ = await loop.create_datagram_endpoint(
+                        PingResponder, local_addr=(host, port), reuse_port=False
+                    )
+                    self._udp.append(udp)
+                    self.addresses.append(f"udp {_format_peer(udp.get_extra_info('sockname'))}")
+        if config.unix_path:
+            await self._start_unix(config.unix_path)
+
+    async def _start_unix(self, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale socket from an agent that did not clean up
+        old_umask = os.umask(0o177)  # born 0600: no window where others may connect
+        try:
+            server = await loop.create_unix_server(
+                lambda: ServerConnection(self), path, backlog=self.config.backlog
+            )
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        self._servers.append(server)
+        self.addresses.append(f"unix {path}")
+
+    def stop(self) -> None:
+        """Ask :meth:`serve` to shut down gracefully."""
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Serve until :meth:`stop`, then shut down gracefully."""
+        await self._stop.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop accepting, give running requests ``grace`` seconds, end the rest."""
+        self.stopping = True
+        for server in self._servers:
+            server.close()
+        for udp in self._udp:
+            udp.close()
+        if self.config.unix_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.unix_path)
+        running = [t for c in self.connections for t in c.tasks.values()]
+        if running:
+            log.info(
+                "stopping: waiting up to %.1fs for %d request(s)", self.config.grace, len(running)
+            )
+            await asyncio.wait(running, timeout=self.config.grace)
+        for conn in list(self.connections):
+            for task in conn.tasks.values():
+                task.cancel()
+        await asyncio.sleep(0)  # let cancelled requests start their clean-up
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.config.grace)
+        for conn in list(self.connections):
+            conn._close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)

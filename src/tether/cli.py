@@ -1,0 +1,441 @@
+"""The ``tether`` command line, built on the public API only.
+
+Imports of the API happen inside the commands, so ``tether exec`` does not pay
+for the agent's modules (and ``--help`` pays for nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+if TYPE_CHECKING:
+    import asyncio
+
+    import tether
+
+EXIT_FAILURE = 255  # tether's own failures, as ssh
+EXIT_TIMEOUT = 124  # the command ran out of --timeout, as timeout(1)
+EXIT_NOT_FOUND = 127  # the program does not exist, as a shell
+EXIT_CANNOT_RUN = 126  # the program exists but cannot be run, as a shell
+EXIT_SIGPIPE = 128 + 13  # our stdout went away, as a process killed by SIGPIPE
+STDIN_CHUNK = 256 * 1024  # bytes read from local stdin at a time
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    click.echo(f"tether: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> NoReturn:
+    """Run a command's coroutine and exit with its code; errors are one line."""
+    import tether
+
+    try:
+        code = tether.run(main())
+    except tether.UsageError as exc:
+        _fail(str(exc), 2)
+    except tether.TetherError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code)
+
+
+def _token_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--token-file",
+        type=click.Path(dir_okay=False),
+        help="File holding the token (default: $TETHER_TOKEN, then the local agent's).",
+    )(f)
+    f = click.option(
+        "--connect-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=10.0,
+        show_default=True,
+        help="Seconds to connect and authenticate.",
+    )(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tether")
+def cli() -> None:
+    """Run commands and move files on machines you control."""
+
+
+# serve -------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--host", "hosts", multiple=True, help="Address to listen on (repeatable). [default: 127.0.0.1]"
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="TCP and UDP port; 0 picks a free one. [default: 7447]",
+)
+@click.option(
+    "--unix", "unix_path", type=click.Path(), help="Also listen on this Unix socket (mode 0600)."
+)
+@click.option("--no-tcp", is_flag=True, help="Do not listen on TCP (with --unix).")
+@click.option("--no-udp", is_flag=True, help="Do not answer UDP pings.")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, exists=True),
+    help="Directory requests are relative to. [default: the current one]",
+)
+@click.option("--no-exec", is_flag=True, help="Refuse every exec request.")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    help="Where the agent keeps its token. [default: $XDG_STATE_HOME/tether]",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Use the token in this file instead.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds running requests get to finish on SIGTERM.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def serve(
+    hosts: tuple[str, ...],
+    port: int | None,
+    unix_path: str | None,
+    no_tcp: bool,
+    no_udp: bool,
+    root: str | None,
+    no_exec: bool,
+    state_dir: str | None,
+    token_file: str | None,
+    grace: float,
+    log_level: str,
+) -> None:
+    """Run the agent."""
+    import logging
+
+    import tether
+    from tether.tokens import read_token_file
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if no_tcp and not unix_path:
+        _fail("--no-tcp needs --unix: there would be nothing to listen on", 2)
+    try:
+        if token_file:
+            token = read_token_file(token_file)
+        else:
+            directory = Path(state_dir) if state_dir else tether.default_state_dir()
+            token, path, created = tether.create_token_file(directory)
+            if created:
+                # The token is shown once, to a person at a terminal; a log
+                # file only learns where it is.
+                shown = f": {token}" if sys.stderr.isatty() else ""
+                click.echo(f"tether: new token written to {path}{shown}", err=True)
+            else:
+                click.echo(f"tether: token in {path}", err=True)
+    except (tether.UsageError, OSError) as exc:
+        _fail(str(exc))
+    config = tether.ServerConfig(
+        token=token,
+        hosts=list(hosts) or ["127.0.0.1"],
+        port=tether.DEFAULT_PORT if port is None else port,
+        unix_path=unix_path,
+        tcp=not no_tcp,
+        udp=not no_udp,
+        root=Path(root or os.getcwd()).resolve(),
+        allow_exec=not no_exec,
+        grace=grace,
+    )
+    _run(lambda: _serve(config))
+
+
+async def _serve(config: tether.ServerConfig) -> int:
+    import asyncio
+    import signal
+
+    import tether
+
+    server = tether.Server(config)
+    try:
+        await server.start()
+    except OSError as exc:
+        await server.close()
+        _fail(f"cannot listen: {exc.strerror or exc}")
+    for address in server.addresses:
+        click.echo(f"tether: listening on {address}", err=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    await server.serve()
+    click.echo("tether: stopped", err=True)
+    return 0
+
+
+# exec --------------------------------------------------------------------------
+
+
+def _parse_env(values: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not K=V", param_hint="--env")
+        env[key] = value
+    return env
+
+
+@cli.command(name="exec")
+@click.argument("host")
+@click.argument("command", nargs=-1)
+@click.option(
+    "--shell", "shell", metavar="CMDLINE", help="Run CMDLINE with /bin/sh -c instead of an argv."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds before the agent ends the command.",
+)
+@click.option("--cwd", help="Directory to run in, relative to the agent's root.")
+@click.option(
+    "--env", "env", multiple=True, metavar="K=V", help="Set an environment variable (repeatable)."
+)
+@click.option(
+    "-n", "no_stdin", is_flag=True, help="Do not forward stdin (the command reads nothing)."
+)
+@_token_options
+def exec_(
+    host: str,
+    command: tuple[str, ...],
+    shell: str | None,
+    timeout: float | None,
+    cwd: str | None,
+    env: tuple[str, ...],
+    no_stdin: bool,
+    token_file: str | None,
+    connect_timeout: float,
+) -> None:
+    """Run COMMAND on HOST; exit with its exit code.
+
+    \b
+    tether exec web1 -- uname -a
+    tether exec web1 --shell 'ps aux | grep nginx'
+    printf 'b\\na\\n' | tether exec web1 -- sort
+    """
+    if bool(command) == bool(shell):
+        _fail("give a command after --, or --shell CMDLINE (not both)", 2)
+    environment = _parse_env(env)
+    _run(
+        lambda: _exec(
+            host,
+            list(command) if command else None,
+            shell=shell,
+            timeout=timeout,
+            cwd=cwd,
+            env=environment or None,
+            forward_stdin=not no_stdin,
+            token_file=token_file,
+            connect_timeout=connect_timeout,
+        )
+    )
+
+
+async def _exec(
+    host: str,
+    argv: list[str] | None,
+    *,
+    shell: str | None,
+    timeout: float | None,
+    cwd: str | None,
+    env: dict[str, str] | None,
+    forward_stdin: bool,
+    token_file: str | None,
+    connect_timeout: float,
+) -> int:
+    import asyncio
+
+    import tether
+
+    async with tether.connect(host, token_file=token_file, connect_timeout=connect_timeout) as conn:
+        proc = await conn.exec(
+            argv, shell=shell, cwd=cwd, env=env, timeout=timeout, stdin=forward_stdin
+        )
+        feeder = (
+            asyncio.get_running_loop().create_task(_forward_stdin(proc)) if forward_stdin else None
+        )
+        outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+        try:
+            async for chunk in proc:
+                stream = outputs[chunk.stream]
+                stream.write(chunk.data)
+                stream.flush()  # live output, not at the end
+        except BrokenPipeError:
+            # Our reader went away (``| head``): end the command, stay quiet.
+            _silence_stdout()
+            return EXIT_SIGPIPE
+        except tether.RemoteError as exc:
+            click.echo(f"tether: {exc.message}", err=True)
+            return {"not_found": EXIT_NOT_FOUND, "permission_denied": EXIT_CANNOT_RUN}.get(
+                exc.code, EXIT_FAILURE
+            )
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+    status = proc.exit_status
+    assert status is not None
+    if status.timed_out:
+        click.echo(f"tether: command timed out after {timeout:g}s and was ended", err=True)
+        return EXIT_TIMEOUT
+    return status.returncode
+
+
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+async def _forward_stdin(proc: tether.RemoteProcess) -> None:
+    """Copy local stdin to the command, then end-of-file.
+
+    A thread reads, because stdin may be a terminal, a pipe or a regular file
+    and only a blocking read works for all three; the bounded queue makes the
+    thread wait while the connection is busy.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+    threading.Thread(target=_read_stdin, args=(loop, queue), daemon=True).start()
+    while chunk := await queue.get():
+        await proc.write(chunk)
+    await proc.close_stdin()
+
+
+def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) -> None:
+    import asyncio
+
+    fd = sys.stdin.fileno()
+    while True:
+        try:
+            chunk = os.read(fd, STDIN_CHUNK)
+        except OSError:
+            chunk = b""
+        try:
+            asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+        except (RuntimeError, asyncio.CancelledError):
+            return  # the loop is gone: the command has ended
+        if not chunk:
+            return
+
+
+# echo, ping ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("host")
+@click.argument("text")
+@_token_options
+def echo(host: str, text: str, token_file: str | None, connect_timeout: float) -> None:
+    """Send TEXT to HOST and print what comes back, with the round-trip time."""
+    _run(lambda: _echo(host, text, token_file, connect_timeout))
+
+
+async def _echo(host: str, text: str, token_file: str | None, connect_timeout: float) -> int:
+    import time
+
+    import tether
+
+    async with tether.connect(host, token_file=token_file, connect_timeout=connect_timeout) as conn:
+        started = time.perf_counter()
+        reply = await conn.echo(text)
+        elapsed = time.perf_counter() - started
+    if reply != text:
+        _fail("echo came back different from what was sent")
+    click.echo(reply)
+    click.echo(f"round trip {elapsed * 1000:.3f} ms", err=True)
+    return 0
+
+
+@cli.command()
+@click.argument("host")
+@click.option(
+    "-c", "count", type=click.IntRange(min=1), default=4, show_default=True, help="Pings to send."
+)
+@click.option(
+    "-i",
+    "interval",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds between pings.",
+)
+@click.option(
+    "-W",
+    "wait",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for each reply.",
+)
+@click.option(
+    "-s",
+    "size",
+    type=click.IntRange(16, 1024),
+    default=16,
+    show_default=True,
+    help="Datagram size in bytes.",
+)
+def ping(host: str, count: int, interval: float, wait: float, size: int) -> None:
+    """Ping HOST's agent over UDP (no token needed)."""
+    _run(lambda: _ping(host, count, interval, wait, size))
+
+
+async def _ping(host: str, count: int, interval: float, wait: float, size: int) -> int:
+    import tether
+
+    address = tether.parse_address(host)
+    click.echo(f"PING {address} (udp): {size} bytes")
+    rtts = []
+    async for reply in tether.ping(
+        address, count=count, interval=interval, timeout=wait, size=size
+    ):
+        if reply.rtt is None:
+            click.echo(f"no reply for seq={reply.seq} within {wait:g}s")
+        else:
+            rtts.append(reply.rtt * 1000)
+            click.echo(
+                f"{reply.size} bytes from {address}: seq={reply.seq} time={reply.rtt * 1000:.3f} ms"
+            )
+    loss = 100.0 * (count - len(rtts)) / count
+    click.echo(f"--- {address} ping statistics ---")
+    click.echo(f"{count} sent, {len(rtts)} received, {loss:.0f}% loss")
+    if rtts:
+        avg = sum(rtts) / len(rtts)
+        click.echo(f"rtt min/avg/max = {min(rtts):.3f}/{avg:.3f}/{max(rtts):.3f} ms")
+    return 0 if rtts else 1
+
+
+def main() -> None:
+    cli(prog_name="tether")

@@ -1,0 +1,349 @@
+"""Typed messages: one dataclass per op and direction (docs/protocol.md §3-4).
+
+A message turns into a frame header plus body with :func:`to_frame_parts` and
+back with :func:`decode_client_message` / :func:`decode_server_message`. Field
+types are checked from the dataclass annotations, so a class is all it takes
+to add an op; unknown header fields are ignored (forward compatibility).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, fields
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from .exceptions import ProtocolError
+from .frames import Frame
+
+__all__ = [
+    "CLIENT_MESSAGES",
+    "SERVER_MESSAGES",
+    "SIGNAL_NAMES",
+    "Echo",
+    "Error",
+    "ErrorCode",
+    "Exec",
+    "Exit",
+    "Hello",
+    "HelloReply",
+    "Message",
+    "Ok",
+    "Op",
+    "Signal",
+    "Stderr",
+    "Stdin",
+    "Stdout",
+    "decode_client_message",
+    "decode_server_message",
+    "to_frame_parts",
+]
+
+
+class Op(StrEnum):
+    """Every op on the wire (docs/protocol.md §3)."""
+
+    HELLO = "hello"
+    ECHO = "echo"
+    EXEC = "exec"
+    STDIN = "stdin"
+    SIGNAL = "signal"
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    EXIT = "exit"
+    OK = "ok"
+    ERROR = "error"
+
+
+class ErrorCode(StrEnum):
+    """The closed set of error codes (docs/protocol.md §6)."""
+
+    # Connection errors: the frame is sent with id 0 and the connection closed.
+    BAD_FRAME = "bad_frame"
+    TOO_LARGE = "too_large"
+    UNAUTHENTICATED = "unauthenticated"
+    AUTH_FAILED = "auth_failed"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_OP = "unknown_op"
+    PROTOCOL_ERROR = "protocol_error"
+    HELLO_TIMEOUT = "hello_timeout"
+    # Request errors: the frame carries the request's id; the connection goes on.
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    PERMISSION_DENIED = "permission_denied"
+    EXEC_FAILED = "exec_failed"
+    FORBIDDEN = "forbidden"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+# Signals a client may ask for, by their POSIX names without "SIG".
+SIGNAL_NAMES = frozenset(
+    {"HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "CONT", "STOP", "WINCH"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of every message; ``id`` routes it (0 is the connection itself)."""
+
+    OP: ClassVar[Op]
+    HAS_BODY: ClassVar[bool] = False
+    id: int
+
+
+# Client -> server ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First frame of every connection: protocol version and token."""
+
+    OP = Op.HELLO
+    version: int
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Echo(Message):
+    """Ask the agent to send ``body`` back in an ``ok`` reply."""
+
+    OP = Op.ECHO
+    HAS_BODY = True
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Exec(Message):
+    """Run a program: ``argv`` directly, or ``shell`` through ``/bin/sh -c``."""
+
+    OP = Op.EXEC
+    argv: list[str] | None = None
+    shell: str | None = None
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+    timeout: float | None = None
+    stdin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Stdin(Message):
+    """Bytes for a running exec's standard input; ``eof`` closes it."""
+
+    OP = Op.STDIN
+    HAS_BODY = True
+    body: bytes = b""
+    eof: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Signal(Message):
+    """Send a signal (a name from :data:`SIGNAL_NAMES`) to a running exec's group."""
+
+    OP = Op.SIGNAL
+    signal: str
+
+
+# Server -> client ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReply(Message):
+    """The agent's answer to a good ``hello``."""
+
+    OP = Op.HELLO
+    version: int
+    server: str
+    encoding: str
+    max_header: int
+    max_body: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stdout(Message):
+    OP = Op.STDOUT
+    HAS_BODY = True
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Stderr(Message):
+    OP = Op.STDERR
+    HAS_BODY = True
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Exit(Message):
+    """Last frame of an exec: exit status, or the signal that ended it."""
+
+    OP = Op.EXIT
+    status: int | None = None
+    signal: int | None = None
+    signal_name: str | None = None
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(Message):
+    """Success reply of a request that has no richer reply (``echo``)."""
+
+    OP = Op.OK
+    HAS_BODY = True
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A failure: of a request (its id) or of the connection (id 0)."""
+
+    OP = Op.ERROR
+    code: str
+    message: str = ""
+
+
+CLIENT_MESSAGES: dict[str, type[Message]] = {
+    cls.OP: cls for cls in (Hello, Echo, Exec, Stdin, Signal)
+}
+SERVER_MESSAGES: dict[str, type[Message]] = {
+    cls.OP: cls for cls in (HelloReply, Stdout, Stderr, Exit, Ok, Error)
+}
+
+
+# Encoding and decoding ------------------------------------------------------
+
+
+def to_frame_parts(msg: Message) -> tuple[dict[str, Any], bytes]:
+    """The header object and body of ``msg``; ``None`` fields are left out."""
+    header: dict[str, Any] = {"op": msg.OP.value, "id": msg.id}
+    body = b""
+    for name in _FIELDS[type(msg)]:
+        value = getattr(msg, name)
+        if name == "body":
+            body = value
+        elif value is not None:
+            header[name] = value
+    return header, body
+
+
+def decode_client_message(frame: Frame) -> Message:
+    """Decode a frame sent by a client.
+
+    Raises:
+        ProtocolError: code ``unknown_op`` for an op not in the table, or
+            ``bad_request`` for a missing or mistyped field.
+    """
+    return _decode(frame, CLIENT_MESSAGES)
+
+
+def decode_server_message(frame: Frame) -> Message:
+    """Decode a frame sent by an agent (see :func:`decode_client_message`)."""
+    return _decode(frame, SERVER_MESSAGES)
+
+
+def _decode(frame: Frame, table: dict[str, type[Message]]) -> Message:
+    # Only exact names in the table dispatch: no case folding, no stripping,
+    # no attribute lookup by name (docs/protocol.md §3).
+    cls = table.get(frame.op)
+    if cls is None:
+        raise ProtocolError(f"unknown op {frame.op!r}", code=ErrorCode.UNKNOWN_OP)
+    header = frame.header
+    kwargs: dict[str, Any] = {"id": frame.id}
+    for name, check in _FIELDS[cls].items():
+        if name == "body":
+            kwargs["body"] = frame.body
+            continue
+        value = header.get(name)
+        if value is None:
+            if name in _REQUIRED[cls]:
+                raise ProtocolError(
+                    f"{frame.op}: missing field {name!r}", code=ErrorCode.BAD_REQUEST
+                )
+            continue
+        try:
+            kwargs[name] = check(value)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(
+                f"{frame.op}: field {name!r} {exc}", code=ErrorCode.BAD_REQUEST
+            ) from None
+    if frame.body and not cls.HAS_BODY:
+        raise ProtocolError(f"{frame.op}: takes no body", code=ErrorCode.BAD_REQUEST)
+    return cls(**kwargs)
+
+
+_Checker = typing.Callable[[Any], Any]
+
+
+def _check_int(v: Any) -> int:
+    if type(v) is not int:
+        raise TypeError("must be an integer")
+    return v
+
+
+def _check_float(v: Any) -> float:
+    if type(v) not in (int, float) or not math.isfinite(v):
+        raise TypeError("must be a finite number")
+    return float(v)
+
+
+def _check_str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("must be a string")
+    return v
+
+
+def _check_bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise TypeError("must be true or false")
+    return v
+
+
+def _check_str_list(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError("must be a list of strings")
+    return v
+
+
+def _check_str_dict(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+        raise TypeError("must be an object of strings")
+    return v
+
+
+_CHECKERS: dict[Any, _Checker] = {
+    int: _check_int,
+    float: _check_float,
+    str: _check_str,
+    bool: _check_bool,
+    bytes: lambda v: v,
+    list[str]: _check_str_list,
+    dict[str, str]: _check_str_dict,
+}
+
+
+def _checker_for(annotation: Any) -> _Checker:
+    if isinstance(annotation, types.UnionType):
+        # "X | None": None is handled by the caller as "absent".
+        (inner,) = (a for a in typing.get_args(annotation) if a is not type(None))
+        return _CHECKERS[inner]
+    return _CHECKERS[annotation]
+
+
+def _schema(cls: type[Message]) -> dict[str, _Checker]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _checker_for(hints[f.name]) for f in fields(cls) if f.name != "id"}
+
+
+def _required(cls: type[Message]) -> frozenset[str]:
+    return frozenset(
+        f.name
+        for f in fields(cls)
+        if f.name != "id" and f.default is MISSING and f.default_factory is MISSING
+    )
+
+
+_ALL = (*CLIENT_MESSAGES.values(), *SERVER_MESSAGES.values())
+_FIELDS: dict[type[Message], dict[str, _Checker]] = {cls: _schema(cls) for cls in _ALL}
+_REQUIRED: dict[type[Message], frozenset[str]] = {cls: _required(cls) for cls in _ALL}

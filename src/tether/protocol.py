@@ -1,0 +1,288 @@
+"""Connection state machines, without I/O (docs/protocol.md §4).
+
+Bytes go in with ``receive_data()``, events come out of ``events_received()``,
+bytes to write come out of ``data_to_send()``. The asyncio layer only moves
+bytes and makes no protocol decision; this module never raises on bad input:
+a violation becomes an ``error`` frame with id 0, a :class:`ConnectionFailed`
+event and a closed state in which later input is discarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from .exceptions import FrameTooLarge, ProtocolError
+from .frames import Frame, FrameDecoder, encode_frame_head
+from .limits import PROTOCOL_VERSION, Limits
+from .messages import (
+    Echo,
+    Error,
+    ErrorCode,
+    Exec,
+    Hello,
+    HelloReply,
+    Message,
+    decode_client_message,
+    decode_server_message,
+    to_frame_parts,
+)
+
+__all__ = [
+    "ClientProtocol",
+    "ConnectionFailed",
+    "ControlReceived",
+    "Event",
+    "HelloReceived",
+    "ReplyReceived",
+    "RequestReceived",
+    "ServerProtocol",
+    "State",
+]
+
+
+class State(Enum):
+    AWAIT_HELLO = "await_hello"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReceived:
+    """The client's hello; answer with ``accept_hello`` or ``reject_hello``."""
+
+    hello: Hello
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """A new request (``exec``, ``echo``) under a fresh id."""
+
+    request: Message
+
+
+@dataclass(frozen=True, slots=True)
+class ControlReceived:
+    """A follow-up frame (``stdin``, ``signal``) for a request still running."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyReceived:
+    """A frame from the agent: the hello reply (id 0) or part of a reply."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed:
+    """The connection is over: flush ``data_to_send()`` and close.
+
+    ``by_peer`` tells an ``error`` frame received from the peer apart from a
+    violation detected here.
+    """
+
+    code: str
+    message: str
+    by_peer: bool = False
+
+
+Event = HelloReceived | RequestReceived | ControlReceived | ReplyReceived | ConnectionFailed
+
+_REQUESTS = (Exec, Echo)
+_REQUEST_OPS = frozenset(cls.OP.value for cls in _REQUESTS)
+
+
+class _Base:
+    def __init__(self, limits: Limits | None) -> None:
+        self.limits = limits or Limits()
+        self.state = State.AWAIT_HELLO
+        self._decoder = FrameDecoder(self.limits)
+        self._events: list[Event] = []
+        self._out: list[bytes] = []
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def events_received(self) -> list[Event]:
+        """Events produced by input so far; each is returned once."""
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> list[bytes]:
+        """Buffers to write, in order; each is returned once."""
+        out, self._out = self._out, []
+        return out
+
+    def send(self, msg: Message) -> None:
+        """Queue ``msg`` for writing.
+
+        Raises:
+            FrameTooLarge: the message does not fit the limits (a local bug or
+                an oversized caller argument, never the peer's fault).
+        """
+        header, body = to_frame_parts(msg)
+        self._out.append(encode_frame_head(header, len(body), self.limits))
+        if body:
+            self._out.append(body)
+
+    def _fail(self, code: str, message: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.send(Error(0, code, message))
+        self.state = State.CLOSED
+        self._events.append(ConnectionFailed(code, message))
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed received bytes; never raises."""
+        if self.state is State.CLOSED:
+            return
+        self._decoder.receive_data(data)
+        try:
+            for frame in self._decoder.frames():
+                self._handle(frame)
+                if self.closed:
+                    return
+        except FrameTooLarge as exc:
+            self._fail(ErrorCode.TOO_LARGE, str(exc))
+        except ProtocolError as exc:
+            self._fail(ErrorCode.BAD_FRAME, str(exc))
+
+    def _handle(self, frame: Frame) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ServerProtocol(_Base):
+    """The agent's side of one connection."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        super().__init__(limits)
+        self._active: set[int] = set()
+
+    @property
+    def active_requests(self) -> frozenset[int]:
+        return frozenset(self._active)
+
+    def accept_hello(self, reply: HelloReply) -> None:
+        """Open the connection for requests and answer the hello."""
+        if self.state is State.AWAIT_HELLO:
+            self.send(reply)
+            self.state = State.OPEN
+
+    def reject_hello(self, code: str, message: str) -> None:
+        """Refuse the hello: error frame, then closed."""
+        self._fail(code, message)
+
+    def fail(self, code: str, message: str) -> None:
+        """Fail the whole connection from the I/O side (e.g. hello timeout)."""
+        self._fail(code, message)
+
+    def finish_request(self, request_id: int, final: Message) -> None:
+        """Send a request's last frame and forget its id."""
+        if request_id in self._active:
+            self._active.discard(request_id)
+            if self.state is State.OPEN:
+                self.send(final)
+
+    def _handle(self, frame: Frame) -> None:
+        if self.state is State.AWAIT_HELLO:
+            self._handle_hello(frame)
+            return
+        try:
+            msg = decode_client_message(frame)
+        except ProtocolError as exc:
+            if exc.code == ErrorCode.BAD_REQUEST and frame.op in _REQUEST_OPS:
+                # A known request with bad fields fails only itself, as long
+                # as its id is usable (docs/protocol.md §4.2).
+                if frame.id == 0 or frame.id in self._active:
+                    self._fail(ErrorCode.PROTOCOL_ERROR, f"request id {frame.id} is not usable")
+                else:
+                    self.send(Error(frame.id, exc.code, str(exc)))
+                return
+            self._fail(exc.code, str(exc))
+            return
+        if isinstance(msg, Hello):
+            self._fail(ErrorCode.PROTOCOL_ERROR, "hello was already received")
+        elif msg.id == 0:
+            self._fail(ErrorCode.PROTOCOL_ERROR, f"{msg.OP} needs a request id > 0")
+        elif isinstance(msg, _REQUESTS):
+            if msg.id in self._active:
+                self._fail(ErrorCode.PROTOCOL_ERROR, f"request id {msg.id} is already in use")
+            else:
+                self._active.add(msg.id)
+                self._events.append(RequestReceived(msg))
+        elif msg.id in self._active:
+            self._events.append(ControlReceived(msg))
+        # else: a control frame for a request that has just finished raced
+        # with its last frame; it is dropped, not an error (docs/protocol.md §4.3).
+
+    def _handle_hello(self, frame: Frame) -> None:
+        # Nothing but hello is even decoded before authentication.
+        if frame.op != "hello":
+            self._fail(ErrorCode.UNAUTHENTICATED, "the first frame must be hello")
+            return
+        try:
+            msg = decode_client_message(frame)
+        except ProtocolError as exc:
+            self._fail(exc.code, str(exc))
+            return
+        assert isinstance(msg, Hello)
+        if msg.id != 0:
+            self._fail(ErrorCode.PROTOCOL_ERROR, "hello must have id 0")
+        elif msg.version != PROTOCOL_VERSION:
+            self._fail(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {msg.version} is not supported "
+                f"(this agent speaks {PROTOCOL_VERSION})",
+            )
+        else:
+            self._events.append(HelloReceived(msg))
+
+
+class ClientProtocol(_Base):
+    """The client's side of one connection."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        super().__init__(limits)
+        self._next_id = 1
+
+    def send_hello(self, token: str, version: int = PROTOCOL_VERSION) -> None:
+        self.send(Hello(0, version, token))
+
+    def new_request_id(self) -> int:
+        """A fresh request id (ids are never reused on a connection)."""
+        ident = self._next_id
+        self._next_id += 1
+        return ident
+
+    def _handle(self, frame: Frame) -> None:
+        try:
+            msg = decode_server_message(frame)
+        except ProtocolError as exc:
+            self._fail(exc.code, str(exc))
+            return
+        if self.state is State.AWAIT_HELLO:
+            if isinstance(msg, HelloReply):
+                self.state = State.OPEN
+            elif not (isinstance(msg, Error) and msg.id == 0):
+                self._fail(ErrorCode.PROTOCOL_ERROR, f"expected hello, got {msg.OP}")
+                return
+        if isinstance(msg, Error) and msg.id == 0:
+            # The agent failed the connection; nothing more will come.
+            self.state = State.CLOSED
+            self._events.append(ConnectionFailed(msg.code, msg.message, by_peer=True))
+            return
+        self._events.append(ReplyReceived(msg))
+
+
+def encode_messages(messages: Iterable[Message], limits: Limits | None = None) -> bytes:
+    """Encode ``messages`` back to back (a convenience for tests and tools)."""
+    out = bytearray()
+    for msg in messages:
+        header, body = to_frame_parts(msg)
+        out += encode_frame_head(header, len(body), limits)
+        out += body
+    return bytes(out)

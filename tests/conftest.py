@@ -1,0 +1,137 @@
+"""Shared fixtures: a real ``tether serve`` process on loopback, and the real CLI.
+
+Nothing here mocks a socket: the agent is the installed package started as a
+child process, exactly as a user would start it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+LISTEN_RE = re.compile(r"listening on (tcp|udp|unix) (\S+)")
+START_TIMEOUT = 15.0  # seconds for an agent to print its addresses
+
+
+@dataclass
+class Agent:
+    """A running ``tether serve`` child process."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    token: str
+    root: Path
+    state_dir: Path
+    addresses: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        """The first TCP address, as ``127.0.0.1:PORT`` or ``[::1]:PORT``."""
+        return self.addresses["tcp"][0]
+
+    @property
+    def port(self) -> int:
+        return int(self.host.rsplit(":", 1)[1])
+
+    @property
+    def unix(self) -> str:
+        return "unix:" + self.addresses["unix"][0]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a client of this agent (token in $TETHER_TOKEN)."""
+        return {**os.environ, "TETHER_TOKEN": self.token}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_agent(tmp: Path, *args: str, name: str = "agent", unix: bool = False) -> Agent:
+    """Start ``tether serve`` with its own state dir and root under ``tmp``."""
+    base = tmp / name
+    root = base / "root"
+    state = base / "state"
+    root.mkdir(parents=True, exist_ok=True)
+    log_path = base / "agent.log"
+    cmd = [sys.executable, "-m", "tether", "serve", "--state-dir", str(state), "--root", str(root)]
+    if "--port" not in args:
+        cmd += ["--port", "0"]
+    if unix:
+        cmd += ["--unix", str(base / "agent.sock")]
+    cmd += list(args)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_TIMEOUT
+    addresses: dict[str, list[str]] = {}
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        addresses = {}
+        for kind, addr in LISTEN_RE.findall(text):
+            addresses.setdefault(kind, []).append(addr)
+        if addresses and (not unix or "unix" in addresses) and ("--no-tcp" in args or "tcp" in addresses):
+            break
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent exited with {proc.returncode}:\n{text}")
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        raise RuntimeError(f"agent did not start:\n{log_path.read_text()}")
+    token = (state / "token").read_text().strip() if (state / "token").exists() else ""
+    return Agent(proc, log_path, token, root, state, addresses)
+
+
+def check_clean_log(agent: Agent) -> None:
+    """Fail if the agent logged a crash (a traceback) rather than a handled error."""
+    text = agent.log()
+    assert "Traceback" not in text, text
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    """A fresh agent on 127.0.0.1, a free port, with a Unix socket too."""
+    a = start_agent(tmp_path, unix=True)
+    try:
+        yield a
+    finally:
+        a.stop()
+        check_clean_log(a)
+
+
+@pytest.fixture
+def tether_cli() -> type[Cli]:
+    return Cli
+
+
+class Cli:
+    """The real ``tether`` command line, run as a child process."""
+
+    @staticmethod
+    def run(
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        input: bytes | None = None,
+        timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "tether", *args],
+            env=env,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+        )
