@@ -30,7 +30,7 @@ class Address:
 
 
 def _parse_port(text: str, original: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise UsageError(f"bad port in {original!r}: expected 1-65535")
     return int(text)
 

@@ -128,6 +128,7 @@ def serve(
     state_dir: str | None,
     token_file: str | None,
     grace: float,
+    hello_timeout: float,
     log_level: str,
 ) -> None:
     """Run the agent."""
@@ -168,6 +169,7 @@ def serve(
         root=Path(root or os.getcwd()).resolve(),
         allow_exec=not no_exec,
         grace=grace,
+        hello_timeout=hello_timeout,
     )
     _run(lambda: _serve(config))
 

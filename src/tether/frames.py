@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .exceptions import FrameTooLarge, ProtocolError
+from .exceptions import FrameTooLarge, ProtocolError, UsageError
 from .limits import Limits
 
 __all__ = ["PREFIX_LEN", "Frame", "FrameDecoder", "encode_frame", "encode_frame_head"]
@@ -62,7 +62,13 @@ def encode_frame_head(
         if body_len > limits.max_body:
             raise FrameTooLarge("body", body_len, limits.max_body)
         header = {**header, "body_len": body_len}
-    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        # ensure_ascii: a str holding lone surrogates (PEP 383: bytes of an
+        # argv or file name that are not UTF-8) travels as \udcXX escapes
+        # instead of failing to encode (docs/protocol.md §2.2).
+        raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("ascii")
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot encode frame header: {exc}") from None
     if len(raw) > limits.max_header:
         raise FrameTooLarge("header", len(raw), limits.max_header)
     return _PREFIX.pack(len(raw)) + raw

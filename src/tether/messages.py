@@ -248,7 +248,8 @@ def _decode(frame: Frame, table: dict[str, type[Message]]) -> Message:
     # no attribute lookup by name (docs/protocol.md §3).
     cls = table.get(frame.op)
     if cls is None:
-        raise ProtocolError(f"unknown op {frame.op!r}", code=ErrorCode.UNKNOWN_OP)
+        # The peer's text is cut short: it goes back out in our error frame.
+        raise ProtocolError(f"unknown op {frame.op[:64]!r}", code=ErrorCode.UNKNOWN_OP)
     header = frame.header
     kwargs: dict[str, Any] = {"id": frame.id}
     for name, check in _FIELDS[cls].items():

@@ -9,6 +9,7 @@ event and a closed state in which later input is discarded.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -91,6 +92,8 @@ class ConnectionFailed:
 
 Event = HelloReceived | RequestReceived | ControlReceived | ReplyReceived | ConnectionFailed
 
+MAX_ERROR_MESSAGE = 1024  # characters of an error message we send
+
 _REQUESTS = (Exec, Echo)
 _REQUEST_OPS = frozenset(cls.OP.value for cls in _REQUESTS)
 
@@ -132,19 +135,35 @@ class _Base:
     def _fail(self, code: str, message: str) -> None:
         if self.state is State.CLOSED:
             return
-        self.send(Error(0, code, message))
+        message = message[:MAX_ERROR_MESSAGE]
+        try:
+            self.send(Error(0, code, message))
+        except FrameTooLarge:
+            # Limits this small leave no room for the message; the code is
+            # what matters, and this method must never raise.
+            with contextlib.suppress(FrameTooLarge):
+                self.send(Error(0, code))
         self.state = State.CLOSED
         self._events.append(ConnectionFailed(code, message))
+
+    @property
+    def _waiting(self) -> bool:
+        return False
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed received bytes; never raises."""
         if self.state is State.CLOSED:
             return
         self._decoder.receive_data(data)
+        if self._waiting:
+            return
         try:
             for frame in self._decoder.frames():
                 self._handle(frame)
-                if self.closed:
+                if self.closed or self._waiting:
+                    # Closed: later input is discarded. Waiting: the rest
+                    # stays buffered until the hello is decided, so packing
+                    # many hellos into one write gets one token check.
                     return
         except FrameTooLarge as exc:
             self._fail(ErrorCode.TOO_LARGE, str(exc))
@@ -161,6 +180,11 @@ class ServerProtocol(_Base):
     def __init__(self, limits: Limits | None = None) -> None:
         super().__init__(limits)
         self._active: set[int] = set()
+        self._hello_pending = False
+
+    @property
+    def _waiting(self) -> bool:
+        return self._hello_pending
 
     @property
     def active_requests(self) -> frozenset[int]:
@@ -171,6 +195,8 @@ class ServerProtocol(_Base):
         if self.state is State.AWAIT_HELLO:
             self.send(reply)
             self.state = State.OPEN
+            self._hello_pending = False
+            self.receive_data(b"")  # requests pipelined behind the hello
 
     def reject_hello(self, code: str, message: str) -> None:
         """Refuse the hello: error frame, then closed."""
@@ -239,6 +265,7 @@ class ServerProtocol(_Base):
                 f"(this agent speaks {PROTOCOL_VERSION})",
             )
         else:
+            self._hello_pending = True
             self._events.append(HelloReceived(msg))
 
 

@@ -26,6 +26,7 @@ from ..messages import Echo, Error, ErrorCode, Exec, Exit, Hello, HelloReply, Me
 from ..protocol import (
     ConnectionFailed,
     ControlReceived,
+    Event,
     HelloReceived,
     RequestReceived,
     ServerProtocol,
@@ -151,7 +152,14 @@ class ServerConnection(asyncio.Protocol):
             self.transport.writelines(data)
 
     def _process_events(self) -> None:
-        for event in self.protocol.events_received():
+        # Handling an event may produce more (accepting a hello releases the
+        # requests pipelined behind it): loop until there are none.
+        while events := self.protocol.events_received():
+            self._handle_events(events)
+        self._flush()
+
+    def _handle_events(self, events: list[Event]) -> None:
+        for event in events:
             if isinstance(event, RequestReceived):
                 self._start_request(event.request)
             elif isinstance(event, ControlReceived):
@@ -163,7 +171,6 @@ class ServerConnection(asyncio.Protocol):
             elif isinstance(event, ConnectionFailed):
                 log.info("%s: closing connection: %s: %s", self.peer, event.code, event.message)
                 self._close()
-        self._flush()
 
     def _close(self) -> None:
         self._flush()

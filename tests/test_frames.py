@@ -1,0 +1,540 @@
+"""Frame encoding and incremental decoding, with bytes alone (docs/protocol.md §2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tether.exceptions import FrameTooLarge, ProtocolError, TetherError
+from tether.frames import PREFIX_LEN, Frame, FrameDecoder, encode_frame, encode_frame_head
+from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN, Limits
+
+SMALL = Limits(max_header=64, max_body=16)
+
+
+def raw_frame(header: bytes, body: bytes = b"") -> bytes:
+    """A frame built by hand: any header bytes, with the prefix giving their length."""
+    return struct.pack(">I", len(header)) + header + body
+
+
+def json_frame(header: Any, body: bytes = b"") -> bytes:
+    return raw_frame(json.dumps(header).encode(), body)
+
+
+def decode_all(data: bytes, limits: Limits | None = None) -> list[Frame]:
+    decoder = FrameDecoder(limits)
+    decoder.receive_data(data)
+    frames = list(decoder.frames())
+    assert decoder.buffered == 0
+    return frames
+
+
+def decode_chunks(chunks: Iterable[bytes], limits: Limits | None = None) -> list[Frame]:
+    decoder = FrameDecoder(limits)
+    out: list[Frame] = []
+    for chunk in chunks:
+        decoder.receive_data(chunk)
+        out.extend(decoder.frames())
+    assert decoder.buffered == 0
+    return out
+
+
+def split_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
+    points = sorted({min(c, len(data)) for c in cuts})
+    pieces, start = [], 0
+    for point in points:
+        pieces.append(data[start:point])
+        start = point
+    pieces.append(data[start:])
+    return pieces
+
+
+def decode_error(data: bytes, limits: Limits | None = None) -> ProtocolError:
+    decoder = FrameDecoder(limits)
+    decoder.receive_data(data)
+    with pytest.raises(ProtocolError) as info:
+        list(decoder.frames())
+    return info.value
+
+
+# Round trips ----------------------------------------------------------------
+
+
+def test_round_trip_empty_body() -> None:
+    data = encode_frame({"op": "echo", "id": 1})
+    assert data == b'\x00\x00\x00\x14{"op":"echo","id":1}'
+    (frame,) = decode_all(data)
+    assert frame == Frame({"op": "echo", "id": 1}, b"")
+    assert frame.op == "echo"
+    assert frame.id == 1
+    assert "body_len" not in frame.header
+
+
+def test_round_trip_binary_body() -> None:
+    body = bytes(range(256)) * 3
+    data = encode_frame({"op": "stdout", "id": 7}, body)
+    (frame,) = decode_all(data)
+    assert frame.header == {"op": "stdout", "id": 7, "body_len": len(body)}
+    assert frame.body == body
+
+
+@pytest.mark.parametrize("body", [bytearray(b"\x00\xffabc"), memoryview(b"\x00\xffabc")])
+def test_encode_accepts_bytes_like_bodies(body: bytearray | memoryview) -> None:
+    (frame,) = decode_all(encode_frame({"op": "stdin", "id": 2}, body))
+    assert frame.body == b"\x00\xffabc"
+    assert type(frame.body) is bytes
+
+
+def test_round_trip_non_ascii_header_is_sent_as_escapes() -> None:
+    header = {"op": "echo", "id": 3, "text": "你好，世界 — ünïcødé 🚀"}
+    data = encode_frame(header, "中文".encode())
+    # Our encoder writes ASCII JSON (\\u escapes), so lone surrogates can travel too.
+    assert data[4 : len(data) - 6].isascii()
+    (frame,) = decode_all(data)
+    assert frame.header["text"] == "你好，世界 — ünïcødé 🚀"
+    assert frame.body.decode() == "中文"
+
+
+def test_raw_utf8_header_from_another_encoder_is_accepted() -> None:
+    raw = '{"op":"echo","id":3,"text":"你好"}'.encode()
+    (frame,) = decode_all(len(raw).to_bytes(4, "big") + raw)
+    assert frame.header["text"] == "你好"
+
+
+def test_lone_surrogates_round_trip_as_escapes() -> None:
+    name = b"caf\xe9".decode("utf-8", "surrogateescape")  # a Latin-1 file name
+    (frame,) = decode_all(encode_frame({"op": "exec", "id": 1, "argv": [name]}))
+    assert frame.header["argv"][0].encode("utf-8", "surrogateescape") == b"caf\xe9"
+
+
+def test_encode_frame_head_plus_body_equals_encode_frame() -> None:
+    body = b"x" * 100
+    head = encode_frame_head({"op": "stdout", "id": 9}, len(body))
+    assert head + body == encode_frame({"op": "stdout", "id": 9}, body)
+    (header_len,) = struct.unpack(">I", head[:PREFIX_LEN])
+    assert header_len == len(head) - PREFIX_LEN
+
+
+def test_id_zero_is_a_valid_frame_id() -> None:
+    (frame,) = decode_all(encode_frame({"op": "hello", "id": 0}))
+    assert frame.id == 0
+
+
+def test_unknown_header_fields_are_kept() -> None:
+    (frame,) = decode_all(json_frame({"op": "x", "id": 1, "future": [1, {"a": None}]}))
+    assert frame.header["future"] == [1, {"a": None}]
+
+
+# Limits on the decode side ----------------------------------------------------
+
+
+def header_of_length(n: int) -> bytes:
+    """A valid JSON header of exactly ``n`` bytes."""
+    base = b'{"op":"x","id":1,"pad":""}'
+    raw = base[:-2] + b"a" * (n - len(base)) + b'"}'
+    assert len(raw) == n
+    json.loads(raw)
+    return raw
+
+
+def test_header_exactly_at_default_limit_is_accepted() -> None:
+    (frame,) = decode_all(raw_frame(header_of_length(MAX_HEADER_LEN)))
+    assert len(frame.header["pad"]) > MAX_HEADER_LEN - 40
+
+
+def test_header_one_over_default_limit_is_rejected_from_the_prefix_alone() -> None:
+    decoder = FrameDecoder()
+    # Only the length prefix: the header itself is never waited for.
+    decoder.receive_data(struct.pack(">I", MAX_HEADER_LEN + 1))
+    with pytest.raises(FrameTooLarge) as info:
+        list(decoder.frames())
+    exc = info.value
+    assert (exc.part, exc.size, exc.limit) == ("header", MAX_HEADER_LEN + 1, MAX_HEADER_LEN)
+    assert exc.code == "too_large"
+    assert str(exc) == "header of 65537 bytes is over the limit of 65536 bytes"
+
+
+def test_header_limit_boundaries_with_custom_limits() -> None:
+    (frame,) = decode_all(raw_frame(header_of_length(64)), SMALL)
+    assert frame.op == "x"
+    exc = decode_error(raw_frame(header_of_length(65)), SMALL)
+    assert isinstance(exc, FrameTooLarge)
+    assert (exc.part, exc.size, exc.limit) == ("header", 65, 64)
+
+
+def test_largest_possible_prefix_is_rejected() -> None:
+    exc = decode_error(b"\xff\xff\xff\xff")
+    assert isinstance(exc, FrameTooLarge)
+    assert exc.size == 2**32 - 1
+
+
+def test_body_exactly_at_default_limit_is_accepted() -> None:
+    body = bytes(MAX_BODY_LEN)
+    (frame,) = decode_all(json_frame({"op": "x", "id": 1, "body_len": MAX_BODY_LEN}, body))
+    assert len(frame.body) == MAX_BODY_LEN
+
+
+def test_body_one_over_default_limit_is_rejected_before_any_body_arrives() -> None:
+    decoder = FrameDecoder()
+    # Prefix and header only: the decoder must not wait for 16 MiB to refuse them.
+    decoder.receive_data(json_frame({"op": "x", "id": 1, "body_len": MAX_BODY_LEN + 1}))
+    with pytest.raises(FrameTooLarge) as info:
+        list(decoder.frames())
+    exc = info.value
+    assert (exc.part, exc.size, exc.limit) == ("body", MAX_BODY_LEN + 1, MAX_BODY_LEN)
+    assert str(exc) == "body of 16777217 bytes is over the limit of 16777216 bytes"
+    assert decoder.buffered == 0
+
+
+def test_body_limit_boundaries_with_custom_limits() -> None:
+    (frame,) = decode_all(json_frame({"op": "x", "id": 1, "body_len": 16}, b"b" * 16), SMALL)
+    assert frame.body == b"b" * 16
+    exc = decode_error(json_frame({"op": "x", "id": 1, "body_len": 17}), SMALL)
+    assert isinstance(exc, FrameTooLarge)
+    assert (exc.part, exc.size, exc.limit) == ("body", 17, 16)
+
+
+def test_huge_declared_body_is_rejected_without_buffering() -> None:
+    exc = decode_error(json_frame({"op": "x", "id": 1, "body_len": 10**30}))
+    assert isinstance(exc, FrameTooLarge)
+    assert exc.size == 10**30
+
+
+# Rejection paths -------------------------------------------------------------
+
+
+def test_zero_header_length() -> None:
+    exc = decode_error(b"\x00\x00\x00\x00")
+    assert type(exc) is ProtocolError
+    assert exc.code == "bad_frame"
+    assert str(exc) == "frame header is empty"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xff\xfe{}",  # not UTF-8
+        b'{"op":"x","id":1,"s":"\xc3"}',  # truncated UTF-8 sequence inside a string
+        b"{not json",
+        b'{"op":"x","id":1',
+        b'{"op":"x","id":1}{}',  # trailing data
+        b"\xef\xbb\xbf" + b'{"op":"x","id":1}',  # a BOM is not JSON
+        b"[" * 100_00 + b"]" * 100_00,  # deep nesting (RecursionError inside json)
+    ],
+    ids=["not-utf8", "truncated-utf8", "not-json", "unterminated", "trailing", "bom", "deep"],
+)
+def test_header_not_utf8_json(raw: bytes) -> None:
+    exc = decode_error(raw_frame(raw), Limits(max_header=len(raw)))
+    assert type(exc) is ProtocolError
+    assert exc.code == "bad_frame"
+    assert str(exc) == "frame header is not UTF-8 JSON"
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(constant: str) -> None:
+    raw = b'{"op":"x","id":1,"v":' + constant.encode() + b"}"
+    exc = decode_error(raw_frame(raw))
+    assert type(exc) is ProtocolError
+    assert str(exc) == "frame header is not UTF-8 JSON"
+    assert constant in str(exc.__cause__)
+
+
+@pytest.mark.parametrize("raw", [b"[]", b'["op","x"]', b'"op"', b"1", b"1.5", b"null", b"true"])
+def test_header_not_an_object(raw: bytes) -> None:
+    exc = decode_error(raw_frame(raw))
+    assert type(exc) is ProtocolError
+    assert exc.code == "bad_frame"
+    assert str(exc) == "frame header is not a JSON object"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"id": 1},
+        {"op": None, "id": 1},
+        {"op": "", "id": 1},
+        {"op": 1, "id": 1},
+        {"op": True, "id": 1},
+        {"op": ["exec"], "id": 1},
+        {"op": {"name": "exec"}, "id": 1},
+    ],
+)
+def test_missing_or_bad_op(header: dict[str, Any]) -> None:
+    exc = decode_error(json_frame(header))
+    assert type(exc) is ProtocolError
+    assert str(exc) == "frame header has no string 'op'"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"op": "x"},
+        {"op": "x", "id": None},
+        {"op": "x", "id": -1},
+        {"op": "x", "id": True},
+        {"op": "x", "id": False},
+        {"op": "x", "id": 1.0},
+        {"op": "x", "id": "1"},
+        {"op": "x", "id": [1]},
+    ],
+)
+def test_missing_or_bad_id(header: dict[str, Any]) -> None:
+    exc = decode_error(json_frame(header))
+    assert type(exc) is ProtocolError
+    assert str(exc) == "frame header has no integer 'id' >= 0"
+
+
+@pytest.mark.parametrize("body_len", [-1, "1", True, False, 1.0, [1]])
+def test_bad_body_len(body_len: Any) -> None:
+    exc = decode_error(json_frame({"op": "x", "id": 1, "body_len": body_len}, b"x"))
+    assert type(exc) is ProtocolError
+    assert exc.code == "bad_frame"
+    assert str(exc) == "frame header 'body_len' is not an integer >= 0"
+
+
+def test_explicit_zero_body_len_is_an_empty_body() -> None:
+    (frame,) = decode_all(json_frame({"op": "x", "id": 1, "body_len": 0}))
+    assert frame.body == b""
+
+
+# Incremental decoding ----------------------------------------------------------
+
+
+def sample_stream() -> tuple[bytes, list[Frame]]:
+    frames = [
+        Frame({"op": "hello", "id": 0, "version": 1, "token": "t"}),
+        Frame({"op": "echo", "id": 1, "body_len": 6}, "你好".encode()),
+        Frame({"op": "stdout", "id": 2, "body_len": 3}, b"\x00\r\n"),
+        Frame({"op": "exit", "id": 2, "status": 0}),
+        Frame({"op": "ok", "id": 1}),
+    ]
+    data = b"".join(
+        encode_frame({k: v for k, v in f.header.items() if k != "body_len"}, f.body) for f in frames
+    )
+    return data, frames
+
+
+def test_many_frames_in_one_chunk_are_not_stuck_together() -> None:
+    data, expected = sample_stream()
+    assert decode_all(data) == expected
+
+
+def test_one_byte_at_a_time_gives_the_same_frames() -> None:
+    data, expected = sample_stream()
+    decoder = FrameDecoder()
+    got: list[Frame] = []
+    for i in range(len(data)):
+        decoder.receive_data(data[i : i + 1])
+        got.extend(decoder.frames())
+    assert got == expected
+    assert decoder.buffered == 0
+
+
+def test_partial_frame_waits_for_more_data() -> None:
+    data = encode_frame({"op": "echo", "id": 1}, b"abcdef")
+    decoder = FrameDecoder()
+    decoder.receive_data(data[:-1])
+    assert list(decoder.frames()) == []
+    # The header has been parsed; only the body is still waited for.
+    assert decoder.buffered == 5
+    decoder.receive_data(data[-1:])
+    (frame,) = decoder.frames()
+    assert frame.body == b"abcdef"
+
+
+def test_buffered_counts_bytes_not_yet_returned() -> None:
+    one = encode_frame({"op": "echo", "id": 1}, b"abc")
+    two = encode_frame({"op": "echo", "id": 2}, b"defg")
+    decoder = FrameDecoder()
+    decoder.receive_data(one + two[:5])
+    assert decoder.buffered == len(one) + 5
+    (frame,) = decoder.frames()
+    assert frame.id == 1
+    assert decoder.buffered == 5
+    decoder.receive_data(two[5:])
+    (frame,) = decoder.frames()
+    assert frame.body == b"defg"
+    assert decoder.buffered == 0
+
+
+def test_frames_before_a_bad_one_are_delivered() -> None:
+    good = encode_frame({"op": "echo", "id": 1}, b"hi")
+    decoder = FrameDecoder()
+    decoder.receive_data(good + raw_frame(b"garbage") + good)
+    it = decoder.frames()
+    assert next(it).body == b"hi"
+    with pytest.raises(ProtocolError):
+        next(it)
+
+
+def test_decoder_stays_broken_after_an_error() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(raw_frame(b"[]"))
+    with pytest.raises(ProtocolError) as first:
+        list(decoder.frames())
+    assert decoder.buffered == 0
+    # Later input, however valid, is discarded and the same error comes back.
+    decoder.receive_data(encode_frame({"op": "echo", "id": 1}))
+    assert decoder.buffered == 0
+    with pytest.raises(ProtocolError) as again:
+        list(decoder.frames())
+    assert again.value is first.value
+    with pytest.raises(ProtocolError):
+        list(decoder.frames())
+
+
+def test_decoder_stays_broken_after_too_large() -> None:
+    decoder = FrameDecoder(SMALL)
+    decoder.receive_data(struct.pack(">I", 65))
+    with pytest.raises(FrameTooLarge) as first:
+        list(decoder.frames())
+    decoder.receive_data(encode_frame({"op": "echo", "id": 1}))
+    with pytest.raises(FrameTooLarge) as again:
+        list(decoder.frames())
+    assert again.value is first.value
+
+
+# Limits on the encode side ---------------------------------------------------
+
+
+def test_encode_body_over_limit() -> None:
+    assert encode_frame({"op": "x", "id": 1}, b"b" * 16, SMALL)
+    with pytest.raises(FrameTooLarge) as info:
+        encode_frame({"op": "x", "id": 1}, b"b" * 17, SMALL)
+    assert (info.value.part, info.value.size, info.value.limit) == ("body", 17, 16)
+
+
+def test_encode_head_checks_body_len_without_a_body() -> None:
+    with pytest.raises(FrameTooLarge) as info:
+        encode_frame_head({"op": "x", "id": 1}, MAX_BODY_LEN + 1)
+    assert (info.value.part, info.value.size, info.value.limit) == (
+        "body",
+        MAX_BODY_LEN + 1,
+        MAX_BODY_LEN,
+    )
+
+
+def test_encode_header_over_limit() -> None:
+    base = len(b'{"op":"x","id":1,"p":""}')
+    exact = {"op": "x", "id": 1, "p": "a" * (64 - base)}
+    assert len(encode_frame(exact, limits=SMALL)) == PREFIX_LEN + 64
+    over = {"op": "x", "id": 1, "p": "a" * (65 - base)}
+    with pytest.raises(FrameTooLarge) as info:
+        encode_frame(over, limits=SMALL)
+    assert (info.value.part, info.value.size, info.value.limit) == ("header", 65, 64)
+
+
+def test_encode_header_limit_counts_encoded_bytes_not_characters() -> None:
+    base = len(b'{"op":"x","id":1,"p":""}')
+    # 20 characters, each sent as a six-byte \\u escape: 120 bytes.
+    with pytest.raises(FrameTooLarge) as info:
+        encode_frame({"op": "x", "id": 1, "p": "中" * 20}, limits=SMALL)
+    assert info.value.size == base + 120
+
+
+def test_encode_header_limit_includes_the_added_body_len() -> None:
+    base = len(b'{"op":"x","id":1,"p":""}')
+    header = {"op": "x", "id": 1, "p": "a" * (64 - base)}
+    assert encode_frame(header, limits=SMALL)
+    with pytest.raises(FrameTooLarge) as info:
+        encode_frame(header, b"z", limits=SMALL)
+    assert info.value.part == "header"
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_encoder_never_emits_a_frame_its_decoder_rejects(value: float) -> None:
+    # JSON has no NaN or Infinity (the decoder rejects them), so encoding one
+    # must fail locally instead of sending a frame that fails the connection.
+    try:
+        data = encode_frame({"op": "exec", "id": 1, "timeout": value})
+    except (TetherError, ValueError):
+        return
+    decode_all(data)
+
+
+# Hypothesis ------------------------------------------------------------------
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),  # no lone surrogates: they are not UTF-8,
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    ),
+    max_leaves=10,
+)
+required: dict[str, st.SearchStrategy[Any]] = {
+    "op": st.text(min_size=1, max_size=12),
+    "id": st.integers(min_value=0, max_value=2**64),
+}
+headers = st.fixed_dictionaries(
+    required,
+    optional={
+        "a": json_values,
+        "token": st.text(max_size=30).filter(lambda s: s.isprintable()),
+        "中文": json_values,
+    },
+)
+frames_st = st.lists(st.tuples(headers, st.binary(max_size=64)), max_size=6)
+cuts_st = st.lists(st.integers(min_value=0, max_value=2000), max_size=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames_st, cuts_st)
+def test_valid_frames_round_trip_under_any_chunking(
+    frames: list[tuple[dict[str, Any], bytes]], cuts: list[int]
+) -> None:
+    data = b"".join(encode_frame(h, b) for h, b in frames)
+    got = decode_chunks(split_at(data, cuts))
+    assert len(got) == len(frames)
+    for frame, (header, body) in zip(got, frames, strict=True):
+        expected = {**header, "body_len": len(body)} if body else header
+        assert frame.header == expected
+        assert frame.body == body
+
+
+def framed_garbage() -> st.SearchStrategy[bytes]:
+    """Bytes with a plausible length prefix, so the fuzz reaches the header parser."""
+    header_bytes = st.one_of(
+        st.binary(max_size=40),
+        headers.map(lambda h: json.dumps(h).encode()),
+        st.dictionaries(st.sampled_from(["op", "id", "body_len"]), json_values).map(
+            lambda h: json.dumps(h).encode()
+        ),
+    )
+    return st.lists(
+        st.tuples(header_bytes, st.binary(max_size=20)).map(lambda hb: raw_frame(*hb)),
+        max_size=4,
+    ).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=200), framed_garbage()), cuts_st)
+def test_arbitrary_bytes_only_raise_protocol_errors(data: bytes, cuts: list[int]) -> None:
+    decoder = FrameDecoder(Limits(max_header=1024, max_body=64))
+    try:
+        for chunk in split_at(data, cuts):
+            decoder.receive_data(chunk)
+            for frame in decoder.frames():
+                assert isinstance(frame.header, dict)
+                assert isinstance(frame.op, str) and frame.op
+                assert type(frame.id) is int and frame.id >= 0
+                assert len(frame.body) == frame.header.get("body_len", 0)
+    except ProtocolError as exc:  # FrameTooLarge is a ProtocolError
+        assert exc.code in ("bad_frame", "too_large")
+        assert isinstance(exc, FrameTooLarge) == (exc.code == "too_large")
+        with pytest.raises(ProtocolError):
+            list(decoder.frames())

@@ -1,0 +1,295 @@
+"""Typed messages to frames and back, with bytes alone (docs/protocol.md §3-4)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tether.exceptions import ProtocolError
+from tether.frames import Frame, FrameDecoder, encode_frame
+from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN
+from tether.messages import (
+    CLIENT_MESSAGES,
+    SERVER_MESSAGES,
+    Echo,
+    Error,
+    ErrorCode,
+    Exec,
+    Exit,
+    Hello,
+    HelloReply,
+    Message,
+    Ok,
+    Signal,
+    Stderr,
+    Stdin,
+    Stdout,
+    decode_client_message,
+    decode_server_message,
+    to_frame_parts,
+)
+
+Decode = Callable[[Frame], Message]
+
+CLIENT_SAMPLES: list[Message] = [
+    Hello(0, 1, "s3cret-token"),
+    Echo(1, "你好，世界".encode()),
+    Echo(2, b""),
+    Echo(3, bytes(range(256))),
+    Exec(4, argv=["ls", "-l", "/tmp/中文"], cwd="/srv", env={"LANG": "C", "X": ""}, timeout=2.5),
+    Exec(5, shell="echo hi | tr a-z A-Z", stdin=True),
+    Exec(6),
+    Exec(7, argv=[], env={}, timeout=0.0),
+    Stdin(4, b"line 1\nline 2\n"),
+    Stdin(4, b"", eof=True),
+    Signal(4, "TERM"),
+]
+
+SERVER_SAMPLES: list[Message] = [
+    HelloReply(0, 1, "agent-1", "gbk", MAX_HEADER_LEN, MAX_BODY_LEN),
+    Stdout(4, b"\xc4\xe3\xba\xc3 GBK bytes \xff\x00"),
+    Stdout(4, b""),
+    Stderr(4, "警告\n".encode()),
+    Exit(4, status=0),
+    Exit(5, status=255),
+    Exit(6, signal=9, signal_name="KILL"),
+    Exit(7, signal=15, signal_name="TERM", timed_out=True),
+    Exit(8),
+    Ok(1, b"echoed"),
+    Ok(2),
+    Error(3, ErrorCode.NOT_FOUND, "no such program: nope"),
+    Error(0, ErrorCode.AUTH_FAILED, ""),
+]
+
+
+def through_the_wire(msg: Message) -> Frame:
+    header, body = to_frame_parts(msg)
+    decoder = FrameDecoder()
+    decoder.receive_data(encode_frame(header, body))
+    (frame,) = decoder.frames()
+    return frame
+
+
+def decode_error(decode: Decode, header: dict[str, Any], body: bytes = b"") -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        decode(Frame(header, body))
+    return info.value
+
+
+def test_every_message_class_has_a_sample() -> None:
+    assert {type(m) for m in CLIENT_SAMPLES} == set(CLIENT_MESSAGES.values())
+    assert {type(m) for m in SERVER_SAMPLES} == set(SERVER_MESSAGES.values())
+
+
+def test_op_tables_are_exactly_the_documented_ops() -> None:
+    assert set(CLIENT_MESSAGES) == {"hello", "echo", "exec", "stdin", "signal"}
+    assert set(SERVER_MESSAGES) == {"hello", "stdout", "stderr", "exit", "ok", "error"}
+    for table in (CLIENT_MESSAGES, SERVER_MESSAGES):
+        for op, cls in table.items():
+            assert op == cls.OP
+
+
+@pytest.mark.parametrize("msg", CLIENT_SAMPLES, ids=repr)
+def test_client_message_round_trip(msg: Message) -> None:
+    assert decode_client_message(through_the_wire(msg)) == msg
+
+
+@pytest.mark.parametrize("msg", SERVER_SAMPLES, ids=repr)
+def test_server_message_round_trip(msg: Message) -> None:
+    assert decode_server_message(through_the_wire(msg)) == msg
+
+
+def test_to_frame_parts_leaves_out_none_and_moves_body() -> None:
+    header, body = to_frame_parts(Exec(9, argv=["true"]))
+    assert header == {"op": "exec", "id": 9, "argv": ["true"], "stdin": False}
+    assert body == b""
+    header, body = to_frame_parts(Stdin(9, b"abc", eof=True))
+    assert header == {"op": "stdin", "id": 9, "eof": True}
+    assert body == b"abc"
+    header, _ = to_frame_parts(Exit(9, signal=2, signal_name="INT"))
+    assert header == {"op": "exit", "id": 9, "signal": 2, "signal_name": "INT", "timed_out": False}
+
+
+def test_decoded_timeout_is_a_float() -> None:
+    msg = decode_client_message(Frame({"op": "exec", "id": 1, "timeout": 3}))
+    assert isinstance(msg, Exec)
+    assert msg.timeout == 3.0
+    assert type(msg.timeout) is float
+
+
+# Unknown ops ------------------------------------------------------------------
+
+UNKNOWN_OPS = [
+    "EXEC",
+    "Exec",
+    "exec ",
+    " exec",
+    "exec\x00",
+    "ехес",  # Cyrillic look-alike of "exec"
+    "hеllo",  # Cyrillic "е"
+    "__init__",
+    "__class__",
+    "_private",
+    "_decode",
+    "mro",
+    "body",
+    "OP",
+    "Hello",
+    "get",
+    "put",
+    "resize",
+]
+
+
+@pytest.mark.parametrize("op", [*UNKNOWN_OPS, "stdout", "exit", "ok", "error"])
+def test_unknown_client_op(op: str) -> None:
+    exc = decode_error(decode_client_message, {"op": op, "id": 1})
+    assert exc.code == "unknown_op"
+    assert str(exc) == f"unknown op {op!r}"
+
+
+@pytest.mark.parametrize("op", [*UNKNOWN_OPS, "exec", "echo", "stdin", "signal"])
+def test_unknown_server_op(op: str) -> None:
+    exc = decode_error(decode_server_message, {"op": op, "id": 1})
+    assert exc.code == "unknown_op"
+    assert str(exc) == f"unknown op {op!r}"
+
+
+# Missing and mistyped fields --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("decode", "header", "field"),
+    [
+        (decode_client_message, {"op": "hello", "id": 0, "token": "t"}, "version"),
+        (decode_client_message, {"op": "hello", "id": 0, "version": 1}, "token"),
+        (decode_client_message, {"op": "hello", "id": 0, "version": None, "token": "t"}, "version"),
+        (decode_client_message, {"op": "signal", "id": 1}, "signal"),
+        (decode_client_message, {"op": "signal", "id": 1, "signal": None}, "signal"),
+        (decode_server_message, {"op": "error", "id": 1, "message": "m"}, "code"),
+        (
+            decode_server_message,
+            {"op": "hello", "id": 0, "version": 1, "server": "s", "encoding": "utf-8"},
+            "max_header",
+        ),
+        (
+            decode_server_message,
+            {"op": "hello", "id": 0, "version": 1, "encoding": "e", "max_header": 1, "max_body": 1},
+            "server",
+        ),
+    ],
+)
+def test_missing_required_field(decode: Decode, header: dict[str, Any], field: str) -> None:
+    exc = decode_error(decode, header)
+    assert exc.code == "bad_request"
+    assert str(exc) == f"{header['op']}: missing field {field!r}"
+
+
+HELLO = {"op": "hello", "id": 0, "version": 1, "token": "t"}
+EXEC = {"op": "exec", "id": 1, "argv": ["true"]}
+REPLY = {
+    "op": "hello",
+    "id": 0,
+    "version": 1,
+    "server": "s",
+    "encoding": "utf-8",
+    "max_header": 1,
+    "max_body": 1,
+}
+
+
+@pytest.mark.parametrize(
+    ("decode", "base", "field", "value", "expected"),
+    [
+        (decode_client_message, HELLO, "version", True, "must be an integer"),
+        (decode_client_message, HELLO, "version", 1.0, "must be an integer"),
+        (decode_client_message, HELLO, "version", "1", "must be an integer"),
+        (decode_client_message, HELLO, "token", 123, "must be a string"),
+        (decode_client_message, HELLO, "token", ["t"], "must be a string"),
+        (decode_client_message, EXEC, "argv", "ls -l", "must be a list of strings"),
+        (decode_client_message, EXEC, "argv", ["ls", 1], "must be a list of strings"),
+        (decode_client_message, EXEC, "argv", ["ls", None], "must be a list of strings"),
+        (decode_client_message, EXEC, "argv", [["ls"]], "must be a list of strings"),
+        (decode_client_message, EXEC, "argv", {"0": "ls"}, "must be a list of strings"),
+        (decode_client_message, EXEC, "shell", ["echo"], "must be a string"),
+        (decode_client_message, EXEC, "cwd", 1, "must be a string"),
+        (decode_client_message, EXEC, "env", {"A": 1}, "must be an object of strings"),
+        (decode_client_message, EXEC, "env", {"A": None}, "must be an object of strings"),
+        (decode_client_message, EXEC, "env", {"A": ["x"]}, "must be an object of strings"),
+        (decode_client_message, EXEC, "env", ["A=1"], "must be an object of strings"),
+        (decode_client_message, EXEC, "env", "A=1", "must be an object of strings"),
+        (decode_client_message, EXEC, "timeout", "5", "must be a finite number"),
+        (decode_client_message, EXEC, "timeout", True, "must be a finite number"),
+        (decode_client_message, EXEC, "timeout", [5], "must be a finite number"),
+        (decode_client_message, EXEC, "timeout", math.inf, "must be a finite number"),
+        (decode_client_message, EXEC, "timeout", -math.inf, "must be a finite number"),
+        (decode_client_message, EXEC, "timeout", math.nan, "must be a finite number"),
+        (decode_client_message, EXEC, "stdin", 1, "must be true or false"),
+        (decode_client_message, EXEC, "stdin", 0, "must be true or false"),
+        (decode_client_message, EXEC, "stdin", "true", "must be true or false"),
+        (decode_client_message, {"op": "stdin", "id": 1}, "eof", 1, "must be true or false"),
+        (decode_client_message, {"op": "signal", "id": 1}, "signal", 15, "must be a string"),
+        (decode_server_message, {"op": "exit", "id": 1}, "status", "0", "must be an integer"),
+        (decode_server_message, {"op": "exit", "id": 1}, "status", False, "must be an integer"),
+        (decode_server_message, {"op": "exit", "id": 1}, "signal", 9.0, "must be an integer"),
+        (decode_server_message, {"op": "exit", "id": 1}, "signal_name", 9, "must be a string"),
+        (decode_server_message, {"op": "exit", "id": 1}, "timed_out", 1, "must be true or false"),
+        (decode_server_message, REPLY, "max_body", 1.5, "must be an integer"),
+        (decode_server_message, REPLY, "encoding", None, None),
+        (decode_server_message, {"op": "error", "id": 1}, "code", 404, "must be a string"),
+        (
+            decode_server_message,
+            {"op": "error", "id": 1, "code": "x"},
+            "message",
+            1,
+            "must be a string",
+        ),
+    ],
+)
+def test_mistyped_field(
+    decode: Decode, base: dict[str, Any], field: str, value: Any, expected: str | None
+) -> None:
+    exc = decode_error(decode, {**base, field: value})
+    assert exc.code == "bad_request"
+    if expected is None:  # null means absent, and the field is required
+        assert str(exc) == f"{base['op']}: missing field {field!r}"
+    else:
+        assert str(exc) == f"{base['op']}: field {field!r} {expected}"
+
+
+@pytest.mark.parametrize(
+    ("decode", "header"),
+    [
+        (decode_client_message, HELLO),
+        (decode_client_message, EXEC),
+        (decode_client_message, {"op": "signal", "id": 1, "signal": "INT"}),
+        (decode_server_message, REPLY),
+        (decode_server_message, {"op": "exit", "id": 1, "status": 0}),
+        (decode_server_message, {"op": "error", "id": 1, "code": "internal"}),
+    ],
+)
+def test_body_on_a_message_that_takes_none(decode: Decode, header: dict[str, Any]) -> None:
+    # The decoder accepts a body_len on any frame; it is the message that refuses it.
+    exc = decode_error(decode, {**header, "body_len": 1}, b"x")
+    assert exc.code == "bad_request"
+    assert str(exc) == f"{header['op']}: takes no body"
+
+
+def test_unknown_extra_fields_are_ignored() -> None:
+    header = {**EXEC, "pty": True, "future": {"nested": [1, 2]}, "id2": "x", "OP": "echo"}
+    assert decode_client_message(Frame(header)) == Exec(1, argv=["true"])
+    reply = decode_server_message(Frame({**REPLY, "features": ["tls"], "max_files": 3}))
+    assert reply == HelloReply(0, 1, "s", "utf-8", 1, 1)
+
+
+def test_a_body_field_in_the_header_does_not_replace_the_body() -> None:
+    frame = Frame({"op": "echo", "id": 1, "body": "fake", "body_len": 4}, b"real")
+    assert decode_client_message(frame) == Echo(1, b"real")
+
+
+def test_null_optional_fields_mean_absent() -> None:
+    header = {"op": "exec", "id": 1, "argv": None, "shell": "true", "env": None, "timeout": None}
+    assert decode_client_message(Frame(header)) == Exec(1, shell="true")
