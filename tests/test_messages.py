@@ -14,6 +14,7 @@ from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN
 from tether.messages import (
     CLIENT_MESSAGES,
     SERVER_MESSAGES,
+    SIGNAL_NAMES,
     Echo,
     Error,
     ErrorCode,
@@ -41,8 +42,9 @@ CLIENT_SAMPLES: list[Message] = [
     Echo(3, bytes(range(256))),
     Exec(4, argv=["ls", "-l", "/tmp/中文"], cwd="/srv", env={"LANG": "C", "X": ""}, timeout=2.5),
     Exec(5, shell="echo hi | tr a-z A-Z", stdin=True),
-    Exec(6),
-    Exec(7, argv=[], env={}, timeout=0.0),
+    Exec(6, shell="echo hi | tr a-z A-Z"),
+    Exec(7, argv=["env"], env={}, timeout=0.5),
+    Exec(8, argv=["cat", "caf\udce9"]),  # a non-UTF-8 argument, PEP 383
     Stdin(4, b"line 1\nline 2\n"),
     Stdin(4, b"", eof=True),
     Signal(4, "TERM"),
@@ -114,7 +116,7 @@ def test_to_frame_parts_leaves_out_none_and_moves_body() -> None:
 
 
 def test_decoded_timeout_is_a_float() -> None:
-    msg = decode_client_message(Frame({"op": "exec", "id": 1, "timeout": 3}))
+    msg = decode_client_message(Frame({"op": "exec", "id": 1, "argv": ["x"], "timeout": 3}))
     assert isinstance(msg, Exec)
     assert msg.timeout == 3.0
     assert type(msg.timeout) is float
@@ -293,3 +295,39 @@ def test_a_body_field_in_the_header_does_not_replace_the_body() -> None:
 def test_null_optional_fields_mean_absent() -> None:
     header = {"op": "exec", "id": 1, "argv": None, "shell": "true", "env": None, "timeout": None}
     assert decode_client_message(Frame(header)) == Exec(1, shell="true")
+
+
+@pytest.mark.parametrize(
+    ("header", "problem"),
+    [
+        ({}, "exactly one of argv and shell"),
+        ({"argv": ["a"], "shell": "b"}, "exactly one of argv and shell"),
+        ({"argv": []}, "argv is empty"),
+        ({"argv": ["a"], "timeout": 0}, "timeout must be > 0"),
+        ({"argv": ["a"], "timeout": -1.5}, "timeout must be > 0"),
+        ({"argv": ["a\x00b"]}, "cannot be passed to a program"),
+        ({"argv": ["\ud800"]}, "cannot be passed to a program"),
+        ({"shell": "x", "cwd": "a\x00"}, "cannot be passed to a program"),
+        ({"argv": ["a"], "env": {"": "v"}}, "bad environment variable name"),
+        ({"argv": ["a"], "env": {"A=B": "v"}}, "bad environment variable name"),
+        ({"argv": ["a"], "env": {"A": "v\x00"}}, "cannot be passed to a program"),
+    ],
+)
+def test_exec_that_cannot_run_is_bad_request(header: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_client_message(Frame({"op": "exec", "id": 1, **header}))
+    assert info.value.code == ErrorCode.BAD_REQUEST
+    assert problem in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["BOGUS", "SIGTERM", "term", "RTMIN", "_IGN", ""])
+def test_signal_names_outside_the_list_are_bad_request(name: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_client_message(Frame({"op": "signal", "id": 1, "signal": name}))
+    assert info.value.code == ErrorCode.BAD_REQUEST
+
+
+def test_every_listed_signal_name_decodes() -> None:
+    for name in sorted(SIGNAL_NAMES):
+        msg = decode_client_message(Frame({"op": "signal", "id": 1, "signal": name}))
+        assert msg == Signal(1, name)

@@ -852,3 +852,20 @@ def test_server_never_raises_on_raw_bytes(data: bytes, cuts: list[int]) -> None:
 @given(stream_st, cuts_st)
 def test_client_never_raises_and_goes_quiet_after_failure(data: bytes, cuts: list[int]) -> None:
     check_side_never_raises(ClientProtocol(Limits(max_header=512, max_body=16)), data, cuts, False)
+
+
+def test_a_long_request_error_is_cut_to_fit_the_header_limit() -> None:
+    # Error messages may quote the peer (a 45 KB program name): the reply
+    # must still be a valid frame, or the client would wait forever.
+    server = ServerProtocol()
+    feed(server, wire(Hello(0, PROTOCOL_VERSION, TOKEN)))
+    server.accept_hello(REPLY)
+    server.data_to_send()
+    feed(server, wire(Exec(1, argv=["true"])))
+    server.finish_request(1, Error(1, "not_found", "no such program: " + "中" * 15_000))
+    (msg,) = sent_messages(server)
+    assert isinstance(msg, Error)
+    assert msg.code == "not_found"
+    assert msg.message.startswith("no such program: 中")
+    assert msg.message.endswith("...")
+    assert len(msg.message) <= 1024

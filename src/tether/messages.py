@@ -38,6 +38,7 @@ __all__ = [
     "Stdout",
     "decode_client_message",
     "decode_server_message",
+    "is_os_string",
     "to_frame_parts",
 ]
 
@@ -93,6 +94,10 @@ class Message:
     HAS_BODY: ClassVar[bool] = False
     id: int
 
+    def problem(self) -> str | None:
+        """What makes this message invalid beyond its field types, if anything."""
+        return None
+
 
 # Client -> server ---------------------------------------------------------
 
@@ -127,6 +132,23 @@ class Exec(Message):
     timeout: float | None = None
     stdin: bool = False
 
+    def problem(self) -> str | None:
+        if (self.argv is None) == (self.shell is None):
+            return "exec needs exactly one of argv and shell"
+        if self.argv is not None and not self.argv:
+            return "exec argv is empty"
+        if self.timeout is not None and self.timeout <= 0:
+            return "exec timeout must be > 0"
+        strings = [*(self.argv or ()), self.shell or "", self.cwd or ""]
+        for key, value in (self.env or {}).items():
+            if not key or "=" in key:
+                return f"bad environment variable name {_shorten(key)!r}"
+            strings += (key, value)
+        for text in strings:
+            if not is_os_string(text):
+                return f"{_shorten(text)!r} cannot be passed to a program"
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class Stdin(Message):
@@ -144,6 +166,11 @@ class Signal(Message):
 
     OP = Op.SIGNAL
     signal: str
+
+    def problem(self) -> str | None:
+        if self.signal not in SIGNAL_NAMES:
+            return f"unknown signal {_shorten(self.signal)!r}"
+        return None
 
 
 # Server -> client ---------------------------------------------------------
@@ -249,7 +276,7 @@ def _decode(frame: Frame, table: dict[str, type[Message]]) -> Message:
     cls = table.get(frame.op)
     if cls is None:
         # The peer's text is cut short: it goes back out in our error frame.
-        raise ProtocolError(f"unknown op {frame.op[:64]!r}", code=ErrorCode.UNKNOWN_OP)
+        raise ProtocolError(f"unknown op {_shorten(frame.op)!r}", code=ErrorCode.UNKNOWN_OP)
     header = frame.header
     kwargs: dict[str, Any] = {"id": frame.id}
     for name, check in _FIELDS[cls].items():
@@ -271,7 +298,30 @@ def _decode(frame: Frame, table: dict[str, type[Message]]) -> Message:
             ) from None
     if frame.body and not cls.HAS_BODY:
         raise ProtocolError(f"{frame.op}: takes no body", code=ErrorCode.BAD_REQUEST)
-    return cls(**kwargs)
+    msg = cls(**kwargs)
+    problem = msg.problem()
+    if problem is not None:
+        raise ProtocolError(f"{frame.op}: {problem}", code=ErrorCode.BAD_REQUEST)
+    return msg
+
+
+def is_os_string(text: str) -> bool:
+    """Whether ``text`` maps to bytes a program can receive (argv, env, paths).
+
+    No NUL, and nothing but UTF-8 or PEP 383 surrogates for undecodable bytes.
+    """
+    if "\0" in text:
+        return False
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shorten(text: str, limit: int = 64) -> str:
+    # The peer's text goes back out in our error frames: keep it short.
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 _Checker = typing.Callable[[Any], Any]

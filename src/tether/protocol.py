@@ -127,6 +127,10 @@ class _Base:
             FrameTooLarge: the message does not fit the limits (a local bug or
                 an oversized caller argument, never the peer's fault).
         """
+        if isinstance(msg, Error) and len(msg.message) > MAX_ERROR_MESSAGE:
+            # Messages may quote the peer (a program name): never let one
+            # push a reply over the header limit.
+            msg = Error(msg.id, msg.code, msg.message[: MAX_ERROR_MESSAGE - 3] + "...")
         header, body = to_frame_parts(msg)
         self._out.append(encode_frame_head(header, len(body), self.limits))
         if body:
@@ -135,7 +139,6 @@ class _Base:
     def _fail(self, code: str, message: str) -> None:
         if self.state is State.CLOSED:
             return
-        message = message[:MAX_ERROR_MESSAGE]
         try:
             self.send(Error(0, code, message))
         except FrameTooLarge:

@@ -75,7 +75,7 @@ class ExecRunner:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._terminating: asyncio.Task[None] | None = None
         self._abandoned = False
-        self._early_stdin: list[Stdin] = []
+        self._early: list[Message] = []
         self._starting = object()  # holds the connection's input while starting
         self.started = time.monotonic()
 
@@ -116,12 +116,12 @@ class ExecRunner:
             ) from None
         finally:
             # Reading resumes only once this returns to the loop, after the
-            # early input below has been written.
+            # early controls below have been applied.
             self.sink.release_input(self._starting)
         self.transport = transport
-        for early in self._early_stdin:
-            self._write_stdin(early)
-        self._early_stdin.clear()
+        for early in self._early:
+            self.control(early)
+        self._early.clear()
         timer = None
         if self.request.timeout is not None:
             timer = loop.call_later(self.request.timeout, self._on_timeout)
@@ -144,10 +144,16 @@ class ExecRunner:
 
     def control(self, msg: Message) -> None:
         """Apply a ``stdin`` or ``signal`` frame for this request."""
-        if isinstance(msg, Stdin):
+        if self.transport is None:
+            # Controls may arrive while the child is being started: keep them,
+            # and read no more until it has started.
+            self._early.append(msg)
+            self.sink.hold_input(self._starting)
+        elif isinstance(msg, Stdin):
             self._write_stdin(msg)
         elif isinstance(msg, Signal):
-            self._kill(getattr(signal, "SIG" + msg.signal))
+            # The core admits only names in SIGNAL_NAMES, all of which exist here.
+            self._kill(signal.Signals["SIG" + msg.signal])
 
     # Output ---------------------------------------------------------------
 
@@ -217,11 +223,6 @@ class ExecRunner:
     # Input ----------------------------------------------------------------
 
     def _write_stdin(self, msg: Stdin) -> None:
-        if self.transport is None:
-            # Input may arrive while the child is being started.
-            self._early_stdin.append(msg)
-            self.sink.hold_input(self._starting)  # and no more until it has started
-            return
         pipe = self.transport.get_pipe_transport(_STDIN) if self.transport else None
         pipe = cast(asyncio.WriteTransport | None, pipe)
         if pipe is None or pipe.is_closing():

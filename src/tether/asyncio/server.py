@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from ..exceptions import RemoteError
 from ..limits import DEFAULT_PORT, HELLO_TIMEOUT, PROTOCOL_VERSION, Limits
-from ..messages import Echo, Error, ErrorCode, Exec, Exit, Hello, HelloReply, Message, Ok
+from ..messages import Echo, Error, ErrorCode, Exec, Exit, Hello, HelloReply, Message, Ok, Stdin
 from ..protocol import (
     ConnectionFailed,
     ControlReceived,
@@ -77,6 +77,7 @@ class ServerConnection(asyncio.Protocol):
         self._hello_timer: asyncio.TimerHandle | None = None
         self._input_holders: set[object] = set()
         self._write_paused = False
+        self._eof = False
         self.closed = False
 
     # asyncio.Protocol ---------------------------------------------------------
@@ -99,7 +100,14 @@ class ServerConnection(asyncio.Protocol):
         self._process_events()
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too; running requests are cancelled
+        # A client may half-close after its last request: the running ones
+        # get end-of-file on stdin and are answered, then the connection closes.
+        self._eof = True
+        if self.identity is None or not self.tasks:
+            return None  # close now
+        for request_id, runner in self.runners.items():
+            runner.control(Stdin(request_id, eof=True))
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -228,6 +236,11 @@ class ServerConnection(asyncio.Protocol):
         except RemoteError as exc:
             final = Error(request.id, exc.code, exc.message)
         except asyncio.CancelledError:
+            if self.server.stopping:
+                # Past the grace period: the request still gets its last frame.
+                self._finish(
+                    request.id, Error(request.id, ErrorCode.SHUTTING_DOWN, "the agent is stopping")
+                )
             raise
         except Exception:
             log.exception("%s: request %d (%s) failed", self.peer, request.id, request.OP)
@@ -236,6 +249,8 @@ class ServerConnection(asyncio.Protocol):
             self.tasks.pop(request.id, None)
             self.runners.pop(request.id, None)
         self._finish(request.id, final)
+        if self._eof and not self.tasks:
+            self._close()
 
     def _finish(self, request_id: int, final: Message) -> None:
         if not self.closed:
@@ -260,12 +275,6 @@ async def handle_echo(conn: ServerConnection, request: Echo) -> Message:
 async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
     if not conn.server.config.allow_exec:
         raise RemoteError(ErrorCode.FORBIDDEN, "exec is disabled on this agent")
-    if (request.argv is None) == (request.shell is None):
-        raise RemoteError(ErrorCode.BAD_REQUEST, "exec needs exactly one of argv and shell")
-    if request.argv is not None and not request.argv:
-        raise RemoteError(ErrorCode.BAD_REQUEST, "exec argv is empty")
-    if request.timeout is not None and request.timeout <= 0:
-        raise RemoteError(ErrorCode.BAD_REQUEST, "exec timeout must be > 0")
     root = conn.server.config.root
     cwd = os.path.join(root, request.cwd) if request.cwd else os.fspath(root)
     if not os.path.isdir(cwd):
@@ -330,7 +339,9 @@ class Server:
 
     def authenticate(self, token: str) -> str | None:
         """The identity ``token`` belongs to, or ``None``; constant time."""
-        if token and hmac.compare_digest(token.encode(), self.config.token.encode()):
+        # surrogatepass: any str the JSON decoder can produce encodes.
+        offered = token.encode("utf-8", "surrogatepass")
+        if token and hmac.compare_digest(offered, self.config.token.encode()):
             return "default"
         return None
 
