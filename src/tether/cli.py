@@ -112,6 +112,13 @@ def cli() -> None:
     help="Seconds running requests get to finish on SIGTERM.",
 )
 @click.option(
+    "--hello-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a new connection gets to authenticate.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",

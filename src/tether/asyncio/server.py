@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import locale
 import logging
@@ -22,7 +23,7 @@ from typing import Any, cast
 
 from ..exceptions import RemoteError
 from ..limits import DEFAULT_PORT, HELLO_TIMEOUT, PROTOCOL_VERSION, Limits
-from ..messages import Echo, Error, ErrorCode, Exec, Exit, Hello, HelloReply, Message, Ok, Stdin
+from ..messages import Echo, Error, ErrorCode, Exec, Exit, Hello, HelloReply, Message, Ok
 from ..protocol import (
     ConnectionFailed,
     ControlReceived,
@@ -77,7 +78,6 @@ class ServerConnection(asyncio.Protocol):
         self._hello_timer: asyncio.TimerHandle | None = None
         self._input_holders: set[object] = set()
         self._write_paused = False
-        self._eof = False
         self.closed = False
 
     # asyncio.Protocol ---------------------------------------------------------
@@ -100,14 +100,10 @@ class ServerConnection(asyncio.Protocol):
         self._process_events()
 
     def eof_received(self) -> bool | None:
-        # A client may half-close after its last request: the running ones
-        # get end-of-file on stdin and are answered, then the connection closes.
-        self._eof = True
-        if self.identity is None or not self.tasks:
-            return None  # close now
-        for request_id, runner in self.runners.items():
-            runner.control(Stdin(request_id, eof=True))
-        return True
+        # End-of-file from the client ends the session: a client that was
+        # killed sends the same FIN as one that half-closed, and a killed
+        # client's commands must not keep running (docs/protocol.md §4.7).
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -249,13 +245,31 @@ class ServerConnection(asyncio.Protocol):
             self.tasks.pop(request.id, None)
             self.runners.pop(request.id, None)
         self._finish(request.id, final)
-        if self._eof and not self.tasks:
-            self._close()
 
     def _finish(self, request_id: int, final: Message) -> None:
         if not self.closed:
             self.protocol.finish_request(request_id, final)
             self._flush()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file left by an agent that died; refuse a live one.
+
+    Raises:
+        OSError: EADDRINUSE when an agent still answers on ``path``.
+    """
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return  # not a socket: binding fails with a clear EADDRINUSE
+    except FileNotFoundError:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # nobody listens: stale
+            return
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by a running agent")
 
 
 def _format_peer(peer: Any) -> str:
@@ -336,6 +350,7 @@ class Server:
         self._udp: list[asyncio.DatagramTransport] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
+        self._unix_bound: str | None = None
 
     def authenticate(self, token: str) -> str | None:
         """The identity ``token`` belongs to, or ``None``; constant time."""
@@ -383,9 +398,7 @@ class Server:
 
     async def _start_unix(self, path: str) -> None:
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # a stale socket from an agent that did not clean up
+        _remove_stale_socket(path)
         old_umask = os.umask(0o177)  # born 0600: no window where others may connect
         try:
             server = await loop.create_unix_server(
@@ -393,6 +406,7 @@ class Server:
             )
         finally:
             os.umask(old_umask)
+        self._unix_bound = path
         os.chmod(path, 0o600)
         self._servers.append(server)
         self.addresses.append(f"unix {path}")
@@ -413,9 +427,9 @@ class Server:
             server.close()
         for udp in self._udp:
             udp.close()
-        if self.config.unix_path:
+        if self._unix_bound is not None:  # never another agent's socket
             with contextlib.suppress(OSError):
-                os.unlink(self.config.unix_path)
+                os.unlink(self._unix_bound)
         running = [t for c in self.connections for t in c.tasks.values()]
         if running:
             log.info(
