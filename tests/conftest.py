@@ -82,7 +82,11 @@ def start_agent(tmp: Path, *args: str, name: str = "agent", unix: bool = False) 
         addresses = {}
         for kind, addr in LISTEN_RE.findall(text):
             addresses.setdefault(kind, []).append(addr)
-        if addresses and (not unix or "unix" in addresses) and ("--no-tcp" in args or "tcp" in addresses):
+        if (
+            addresses
+            and (not unix or "unix" in addresses)
+            and ("--no-tcp" in args or "tcp" in addresses)
+        ):
             break
         if proc.poll() is not None:
             raise RuntimeError(f"agent exited with {proc.returncode}:\n{text}")
