@@ -1042,3 +1042,16 @@ def test_two_agents_cannot_share_a_port(tmp_path: Path, tether_cli: type[Cli]) -
         proc = tether_cli.run(["echo", first.host, "first still serves"], env=first.env)
         assert proc.returncode == 0, proc
         assert proc.stdout == b"first still serves\n"
+
+
+async def test_stdin_sent_right_behind_exec_is_never_lost(agent: Agent) -> None:
+    """Exec, stdin and EOF in one write reach the child before its handler has run."""
+    async with tether.connect(agent.host, token=agent.token) as conn:
+        for i in range(30):
+            proc = await conn.exec(["cat"], stdin=True)
+            await proc.write(b"line %d\n" % i)  # nothing has yielded since exec was queued
+            await proc.close_stdin()
+            async with asyncio.timeout(10):
+                out = b"".join([chunk.data async for chunk in proc])
+            assert out == b"line %d\n" % i
+            assert proc.exit_status is not None and proc.exit_status.status == 0

@@ -77,6 +77,7 @@ class ServerConnection(asyncio.Protocol):
         self.runners: dict[int, ExecRunner] = {}
         self._hello_timer: asyncio.TimerHandle | None = None
         self._input_holders: set[object] = set()
+        self._early_controls: dict[int, list[Message]] = {}
         self._write_paused = False
         self.closed = False
 
@@ -148,6 +149,14 @@ class ServerConnection(asyncio.Protocol):
     def track(self, task: asyncio.Task[Any]) -> None:
         self.server.track(task)
 
+    def attach_runner(self, request_id: int, runner: ExecRunner) -> None:
+        """Route this request's control frames to ``runner``, early ones first."""
+        self.runners[request_id] = runner
+        if self._write_paused:
+            runner.pause_output()
+        for msg in self._early_controls.pop(request_id, ()):
+            runner.control(msg)
+
     # Internals ----------------------------------------------------------------------
 
     def _flush(self) -> None:
@@ -170,6 +179,9 @@ class ServerConnection(asyncio.Protocol):
                 runner = self.runners.get(event.message.id)
                 if runner is not None:
                     runner.control(event.message)
+                elif event.message.id in self.tasks:
+                    # Its handler has not run yet: keep the frame for it.
+                    self._early_controls.setdefault(event.message.id, []).append(event.message)
             elif isinstance(event, HelloReceived):
                 self._on_hello(event.hello)
             elif isinstance(event, ConnectionFailed):
@@ -244,6 +256,7 @@ class ServerConnection(asyncio.Protocol):
         finally:
             self.tasks.pop(request.id, None)
             self.runners.pop(request.id, None)
+            self._early_controls.pop(request.id, None)
         self._finish(request.id, final)
 
     def _finish(self, request_id: int, final: Message) -> None:
@@ -295,9 +308,7 @@ async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
         raise RemoteError(ErrorCode.NOT_FOUND, f"no such directory: {request.cwd}")
     env = {**os.environ, **(request.env or {})}
     runner = ExecRunner(request, conn, cwd=cwd, env=env)
-    conn.runners[request.id] = runner
-    if conn._write_paused:
-        runner.pause_output()
+    conn.attach_runner(request.id, runner)
     started = time.monotonic()
     outcome = "error"
     try:
