@@ -1,0 +1,383 @@
+"""Requests per second on one connection, against peers measured in the same run.
+
+Run by hand (``make bench``); this is a benchmark, not a test. It starts a real
+agent (``python -m tether serve --port 0``) with its own temporary state
+directory, and measures through the public API on ONE connection:
+
+- echo round trips per second, 64-byte payload: one at a time, and 100 in flight;
+- exec calls per second (``true``): one at a time, and 20 in flight.
+
+For comparison, in the same run:
+
+- a minimal length-prefixed asyncio echo server (in its own process) and client,
+  on the same event loop policy (uvloop when importable);
+- local ``asyncio.create_subprocess_exec("true")`` spawns per second.
+
+Each row is the median of ``--runs`` runs (after one short warm-up), tether's and
+the peer's runs taking turns. Loopback only; every count is fixed and every run
+is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import platform
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
+
+PAYLOAD = b"x" * 64  # bytes per echo
+ECHO_N = 2000  # echo round trips per run
+ECHO_CONCURRENCY = 100  # echoes in flight in the concurrent row
+EXEC_N = 200  # commands per run
+EXEC_CONCURRENCY = 20  # commands in flight in the concurrent row
+RUN_TIMEOUT = 120.0  # seconds one run may take before the benchmark gives up
+START_TIMEOUT = 15.0  # seconds for a server process to report its port
+LENGTH = struct.Struct(">I")  # the peer's frame prefix
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is importable: the policy tether uses."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+# The peer: a minimal length-prefixed echo server and a pipelining client ------------
+
+
+class PeerEchoServer(asyncio.Protocol):
+    """Echoes each ``u32 length | payload`` frame back as it is."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = 0
+        while len(self.buffer) - end >= LENGTH.size:
+            (length,) = LENGTH.unpack_from(self.buffer, end)
+            if len(self.buffer) - end - LENGTH.size < length:
+                break
+            end += LENGTH.size + length
+        if end:
+            self.transport.write(bytes(self.buffer[:end]))
+            del self.buffer[:end]
+
+
+class PeerEchoClient(asyncio.Protocol):
+    """Sends frames and matches replies in order (the peer has no request ids)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= LENGTH.size:
+            (length,) = LENGTH.unpack_from(self.buffer)
+            if len(self.buffer) - LENGTH.size < length:
+                break
+            body = bytes(self.buffer[LENGTH.size : LENGTH.size + length])
+            del self.buffer[: LENGTH.size + length]
+            self.waiting.popleft().set_result(body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        while self.waiting:
+            self.waiting.popleft().set_exception(ConnectionError("peer echo server went away"))
+
+    def echo(self, data: bytes) -> asyncio.Future[bytes]:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        self.transport.write(LENGTH.pack(len(data)) + data)
+        return future
+
+
+async def serve_peer_echo() -> None:
+    """The peer server process: print the port, serve until terminated."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(PeerEchoServer, "127.0.0.1", 0, reuse_address=True)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    server.close()
+
+
+# Server processes ---------------------------------------------------------------------
+
+
+def start_agent(tmp: Path) -> tuple[subprocess.Popen[bytes], int, str]:
+    """Start ``python -m tether serve --port 0``; return it, its port and token."""
+    log = tmp / "agent.log"
+    with log.open("wb") as stderr:
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tether",
+                "serve",
+                "--port",
+                "0",
+                "--no-udp",
+                "--state-dir",
+                str(tmp / "state"),
+                "--root",
+                str(tmp),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    prefix = "tether: listening on tcp 127.0.0.1:"
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith(prefix):
+                token = (tmp / "state" / "token").read_text().strip()
+                return agent, int(line[len(prefix) :]), token
+        if agent.poll() is not None:
+            break
+        time.sleep(0.05)
+    stop_process(agent)
+    raise SystemExit(f"the agent did not start; its log:\n{log.read_text(errors='replace')}")
+
+
+def start_peer_echo() -> tuple[subprocess.Popen[bytes], int]:
+    """Start this script as the peer echo server; return it and its port."""
+    peer = subprocess.Popen(
+        [sys.executable, __file__, "--peer-echo-server"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+    )
+    assert peer.stdout is not None
+    line = peer.stdout.readline()  # the server prints its port first thing
+    if not line.strip().isdigit():
+        stop_process(peer)
+        raise SystemExit("the peer echo server did not start")
+    return peer, int(line)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# Measuring ----------------------------------------------------------------------------
+
+
+async def rate(op: Callable[[], Awaitable[object]], count: int, concurrency: int) -> float:
+    """Operations per second: ``count`` calls of ``op``, ``concurrency`` at a time."""
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await op()
+
+    shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
+    started = time.perf_counter()
+    async with asyncio.timeout(RUN_TIMEOUT), asyncio.TaskGroup() as tg:
+        for n in shares:
+            tg.create_task(worker(n))
+    return count / (time.perf_counter() - started)
+
+
+async def median_rates(
+    ours: Callable[[], Awaitable[object]],
+    theirs: Callable[[], Awaitable[object]],
+    count: int,
+    concurrency: int,
+    runs: int,
+) -> tuple[float, float]:
+    """Median rates of tether's op and the peer's, their runs interleaved.
+
+    Interleaving spreads any background load on the machine over both sides.
+    """
+    for op in (ours, theirs):
+        await rate(op, max(count // 10, concurrency), concurrency)  # warm-up
+    our_rates, their_rates = [], []
+    for _ in range(runs):
+        our_rates.append(await rate(ours, count, concurrency))
+        their_rates.append(await rate(theirs, count, concurrency))
+    return statistics.median(our_rates), statistics.median(their_rates)
+
+
+@dataclass
+class Row:
+    name: str
+    count: int
+    tether: float
+    peer_name: str
+    peer: float
+
+
+async def measure(agent_port: int, token: str, peer_port: int, runs: int) -> list[Row]:
+    import tether
+
+    loop = asyncio.get_running_loop()
+    _, peer = await loop.create_connection(PeerEchoClient, "127.0.0.1", peer_port)
+
+    async def peer_echo() -> None:
+        if await peer.echo(PAYLOAD) != PAYLOAD:
+            raise AssertionError("the peer echo came back different")
+
+    async def local_spawn() -> None:
+        proc = await asyncio.create_subprocess_exec(
+            "true",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await proc.communicate()
+        if proc.returncode != 0:
+            raise AssertionError(f"true exited {proc.returncode}")
+
+    rows = []
+    async with tether.connect(f"127.0.0.1:{agent_port}", token=token) as conn:
+
+        async def tether_echo() -> None:
+            if await conn.echo(PAYLOAD) != PAYLOAD:
+                raise AssertionError("the echo came back different")
+
+        async def tether_exec() -> None:
+            result = await conn.run(["true"])
+            if result.returncode != 0:
+                raise AssertionError(f"true exited {result.returncode}")
+
+        for name, op, peer_name, peer_op, count, concurrency in [
+            ("echo 64 B, sequential", tether_echo, "asyncio echo", peer_echo, ECHO_N, 1),
+            (
+                f"echo 64 B, {ECHO_CONCURRENCY} in flight",
+                tether_echo,
+                "asyncio echo",
+                peer_echo,
+                ECHO_N,
+                ECHO_CONCURRENCY,
+            ),
+            ("exec true, sequential", tether_exec, "local spawn", local_spawn, EXEC_N, 1),
+            (
+                f"exec true, {EXEC_CONCURRENCY} in flight",
+                tether_exec,
+                "local spawn",
+                local_spawn,
+                EXEC_N,
+                EXEC_CONCURRENCY,
+            ),
+        ]:
+            ours, theirs = await median_rates(op, peer_op, count, concurrency, runs)
+            rows.append(Row(name, count, ours, peer_name, theirs))
+            print(f"  {name}: done", file=sys.stderr, flush=True)
+    peer.transport.close()
+    return rows
+
+
+def print_table(rows: list[Row], runs: int) -> None:
+    header = ("what (one connection)", "N", "tether /s", "peer", "peer /s", "tether/peer")
+    lines = [
+        (
+            r.name,
+            str(r.count),
+            f"{r.tether:,.0f}",
+            r.peer_name,
+            f"{r.peer:,.0f}",
+            f"{r.tether / r.peer:.2f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(x) for x in column) for column in zip(header, *lines, strict=True)]
+    right = {1, 2, 4, 5}
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        padded = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    print(fmt(header))
+    rule = ["-" * (w + 1) + ":" if i in right else "-" * (w + 2) for i, w in enumerate(widths)]
+    print("|" + "|".join(rule) + "|")
+    for line in lines:
+        print(fmt(line))
+    print(f"\nmedians of {runs} runs; ops per second; higher is better")
+
+
+def describe_machine() -> str:
+    try:
+        from importlib.metadata import version
+
+        import uvloop  # noqa: F401
+
+        loop = f"uvloop {version('uvloop')}"
+    except ImportError:
+        loop = "asyncio default loop (no uvloop)"
+    import tether
+
+    return (
+        f"tether {tether.__version__}, Python {platform.python_version()}, {loop}, "
+        f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs per row (median is shown)")
+    parser.add_argument("--peer-echo-server", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peer_echo_server:
+        run_loop(serve_peer_echo())
+        return
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+
+    print(describe_machine(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
+        agent, agent_port, token = start_agent(Path(tmp))
+        try:
+            peer, peer_port = start_peer_echo()
+            try:
+                rows = run_loop(measure(agent_port, token, peer_port, args.runs))
+            finally:
+                stop_process(peer)
+        finally:
+            stop_process(agent)
+        log = (Path(tmp) / "agent.log").read_text(errors="replace")
+    if "Traceback" in log:
+        print(f"warning: the agent logged a traceback:\n{log}", file=sys.stderr)
+    print()
+    print_table(rows, args.runs)
+
+
+if __name__ == "__main__":
+    main()
