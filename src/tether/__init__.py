@@ -11,7 +11,7 @@ The public API is what this module exports::
 
 from __future__ import annotations
 
-from .addresses import Address, parse_address
+from .addresses import Address, RemotePath, parse_address, parse_remote_path
 from .asyncio.client import (
     CommandResult,
     Connection,
@@ -22,6 +22,7 @@ from .asyncio.client import (
 )
 from .asyncio.loop import run
 from .asyncio.server import Server, ServerConfig
+from .asyncio.transfer import Progress, RemoteStat, TransferResult
 from .asyncio.udp import PingReply, ping
 from .exceptions import (
     AuthenticationError,
@@ -32,6 +33,7 @@ from .exceptions import (
     RemoteError,
     TetherError,
     TimeoutError,
+    TransferError,
     UsageError,
 )
 from .limits import DEFAULT_PORT, PROTOCOL_VERSION, Limits
@@ -53,13 +55,18 @@ __all__ = [
     "Limits",
     "Output",
     "PingReply",
+    "Progress",
     "ProtocolError",
     "RemoteError",
+    "RemotePath",
     "RemoteProcess",
+    "RemoteStat",
     "Server",
     "ServerConfig",
     "TetherError",
     "TimeoutError",
+    "TransferError",
+    "TransferResult",
     "UsageError",
     "__version__",
     "connect",
@@ -67,6 +74,7 @@ __all__ = [
     "default_state_dir",
     "find_client_token",
     "parse_address",
+    "parse_remote_path",
     "ping",
     "run",
 ]

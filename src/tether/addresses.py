@@ -65,3 +65,51 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
     if not host:
         raise UsageError(f"no host name in {original!r}")
     return Address(host=host, port=_parse_port(port, original) if sep else default_port)
+
+
+@dataclass(frozen=True, slots=True)
+class RemotePath:
+    """A ``HOST:PATH`` argument of ``tether cp`` / ``tether ls``."""
+
+    host: str
+    path: str
+
+
+def parse_remote_path(text: str) -> RemotePath | None:
+    """Split ``HOST:PATH`` (scp style), or ``None`` if ``text`` is a local path.
+
+    Local: no colon, or a slash before the first colon (``./a:b``). The host
+    may be ``name``, ``name:port``, ``[v6addr]``, ``[v6addr]:port`` or
+    ``unix:/socket``; an empty path means the agent's root.
+
+    Raises:
+        UsageError: a malformed host part.
+    """
+    if text.startswith("unix:"):
+        socket_path, sep, path = text[len("unix:") :].partition(":")
+        if not sep:
+            raise UsageError(f"no ':PATH' after the socket in {text!r}")
+        host = "unix:" + socket_path
+    elif text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise UsageError(f"unclosed '[' in {text!r}")
+        rest = text[end + 1 :]
+        if not rest.startswith(":"):
+            raise UsageError(f"expected ':PATH' after ']' in {text!r}")
+        host, path = _split_port(text[: end + 1], rest[1:])
+    else:
+        colon = text.find(":")
+        if colon <= 0 or "/" in text[:colon]:
+            return None
+        host, path = _split_port(text[:colon], text[colon + 1 :])
+    parse_address(host)  # validates; the caller connects with the string
+    return RemotePath(host, path or ".")
+
+
+def _split_port(host: str, rest: str) -> tuple[str, str]:
+    # "host:7447:path": digits then a colon are a port.
+    port, sep, path = rest.partition(":")
+    if sep and port.isascii() and port.isdigit():
+        return f"{host}:{port}", path
+    return host, rest

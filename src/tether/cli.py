@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -357,6 +358,206 @@ def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) ->
             return  # the loop is gone: the command has ended
         if not chunk:
             return
+
+
+# cp, ls ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("dest")
+@click.option("-r", "recursive", is_flag=True, help="Copy directory trees.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted copy from its partial file.")
+@click.option("-q", "quiet", is_flag=True, help="No progress bars, only errors.")
+@_token_options
+def cp(
+    source: str,
+    dest: str,
+    recursive: bool,
+    resume: bool,
+    quiet: bool,
+    token_file: str | None,
+    connect_timeout: float,
+) -> None:
+    """Copy SOURCE to DEST; exactly one of them is HOST:PATH.
+
+    \b
+    tether cp build.tar.gz web1:/srv/releases/
+    tether cp -r web1:/etc/nginx ./nginx-backup
+    tether cp --resume web1:big.iso .
+    """
+    import tether
+
+    try:
+        src, dst = tether.parse_remote_path(source), tether.parse_remote_path(dest)
+    except tether.UsageError as exc:
+        _fail(str(exc), 2)
+    if (src is None) == (dst is None):
+        _fail("exactly one of SOURCE and DEST must be HOST:PATH", 2)
+    options = {"recursive": recursive, "resume": resume, "quiet": quiet}
+    if src is not None:
+        _run(
+            lambda: _copy(
+                src,
+                dest,
+                upload=False,
+                **options,
+                token_file=token_file,
+                connect_timeout=connect_timeout,
+            )
+        )
+    assert dst is not None
+    _run(
+        lambda: _copy(
+            dst,
+            source,
+            upload=True,
+            **options,
+            token_file=token_file,
+            connect_timeout=connect_timeout,
+        )
+    )
+
+
+async def _copy(
+    remote: tether.RemotePath,
+    local: str,
+    *,
+    upload: bool,
+    recursive: bool,
+    resume: bool,
+    quiet: bool,
+    token_file: str | None,
+    connect_timeout: float,
+) -> int:
+    import posixpath
+
+    import tether
+    from tether.progressbar import TransferBars
+
+    async with tether.connect(
+        remote.host, token_file=token_file, connect_timeout=connect_timeout
+    ) as conn:
+        try:
+            if upload:
+                is_dir = os.path.isdir(local)
+                if is_dir and not recursive:
+                    _fail(f"{local}: is a directory (use -r)", 1)
+                target = remote.path
+                try:
+                    if (await conn.stat(target)).is_dir:  # into an existing directory
+                        target = posixpath.join(target, os.path.basename(os.path.normpath(local)))
+                except tether.RemoteError as exc:
+                    if exc.code != "not_found":
+                        raise
+                total = _tree_size(local) if is_dir else os.path.getsize(local)
+                with TransferBars(quiet=quiet, total=total) as bars:
+                    if is_dir:
+                        results = await conn.put_tree(local, target, resume=resume, progress=bars)
+                    else:
+                        results = [await conn.put(local, target, resume=resume, progress=bars)]
+            else:
+                info = await conn.stat(remote.path)
+                if info.is_dir and not recursive:
+                    _fail(f"{remote.path}: is a directory (use -r)", 1)
+                target = local
+                if os.path.isdir(target):
+                    name = posixpath.basename(posixpath.normpath(remote.path))
+                    target = os.path.join(target, name)
+                with TransferBars(
+                    quiet=quiet, total=info.size if not info.is_dir else None
+                ) as bars:
+                    if info.is_dir:
+                        results = await conn.get_tree(
+                            remote.path, target, resume=resume, progress=bars
+                        )
+                    else:
+                        results = [
+                            await conn.get(remote.path, target, resume=resume, progress=bars)
+                        ]
+        except (tether.RemoteError, tether.TransferError) as exc:
+            click.echo(f"tether: {exc.message}", err=True)
+            return 1
+    for result in results:
+        if result.restarted:
+            click.echo(
+                f"tether: warning: {result.path} changed since the partial copy; copied from the start",
+                err=True,
+            )
+    return 0
+
+
+def _tree_size(top: str) -> int:
+    total = 0
+    for directory, _, files in os.walk(top):
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                total += os.path.getsize(path)
+    return total
+
+
+@cli.command(name="ls")
+@click.argument("target", metavar="HOST:PATH")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
+@_token_options
+def ls(target: str, as_json: bool, token_file: str | None, connect_timeout: float) -> None:
+    """List a remote directory: mode, size, modification time, name."""
+    import tether
+
+    try:
+        remote = tether.parse_remote_path(target) or tether.parse_remote_path(target + ":")
+    except tether.UsageError as exc:
+        _fail(str(exc), 2)
+    assert remote is not None
+    _run(lambda: _ls(remote, as_json, token_file, connect_timeout))
+
+
+async def _ls(
+    remote: tether.RemotePath, as_json: bool, token_file: str | None, connect_timeout: float
+) -> int:
+    import json
+    import posixpath
+    import stat as stat_module
+    import time
+
+    import tether
+
+    async with tether.connect(
+        remote.host, token_file=token_file, connect_timeout=connect_timeout
+    ) as conn:
+        try:
+            info = await conn.stat(remote.path)
+            if info.is_dir:
+                entries = await conn.listdir(remote.path)
+            else:
+                entries = [dataclasses_replace(info, name=posixpath.basename(remote.path))]
+        except tether.RemoteError as exc:
+            click.echo(f"tether: {exc.message}", err=True)
+            return 1
+    if as_json:
+        rows = [
+            {
+                "name": e.name,
+                "type": e.type,
+                "size": e.size,
+                "mode": e.mode,
+                "mtime_ns": e.mtime_ns,
+                "target": e.target,
+            }
+            for e in entries
+        ]
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=None))
+        return 0
+    kinds = {"dir": stat_module.S_IFDIR, "link": stat_module.S_IFLNK, "file": stat_module.S_IFREG}
+    for e in entries:
+        mode = stat_module.filemode(kinds.get(e.type, 0) | e.mode)
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime_ns / 1e9))
+        name = e.name or ""
+        if e.target is not None:
+            name += f" -> {e.target}"
+        click.echo(f"{mode} {e.size:>12} {when} {name}")
+    return 0
 
 
 # echo, ping ----------------------------------------------------------------------

@@ -13,6 +13,8 @@ The tree::
     ├── RemoteError                  the agent answered a request with an error frame
     │   │                             (``.code``, ``.message``); fails only that request
     │   └── AuthenticationError      the agent refused the token, or hello never succeeded
+    ├── TransferError                a file transfer failed on this side (``.code``:
+    │                                 checksum_mismatch, source_changed, no_space, ...)
     ├── UsageError                   the caller asked for something malformed (bad host
     │                                 string, no token to be found)
     └── TimeoutError                 an operation ran out of time; also a builtin
@@ -35,6 +37,7 @@ __all__ = [
     "RemoteError",
     "TetherError",
     "TimeoutError",
+    "TransferError",
     "UsageError",
 ]
 
@@ -102,6 +105,19 @@ class RemoteError(TetherError):
 
 class AuthenticationError(RemoteError):
     """The agent did not accept our ``hello``."""
+
+
+class TransferError(TetherError):
+    """A file could not be read, written or verified on this side of a transfer.
+
+    ``code`` is a wire error code; the agent sends these to the client as
+    ``error`` frames.
+    """
+
+    code = "io_error"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message, code=code)
 
 
 class UsageError(TetherError, ValueError):

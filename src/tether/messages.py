@@ -20,22 +20,38 @@ from .frames import Frame
 
 __all__ = [
     "CLIENT_MESSAGES",
+    "FILE_TYPES",
+    "HASH_NAME",
     "SERVER_MESSAGES",
     "SIGNAL_NAMES",
+    "Cancel",
+    "Data",
+    "Done",
     "Echo",
+    "Entries",
     "Error",
     "ErrorCode",
     "Exec",
     "Exit",
+    "FileInfo",
+    "Get",
     "Hello",
     "HelloReply",
+    "ListDir",
     "Message",
+    "Mkdir",
     "Ok",
     "Op",
+    "Put",
+    "Ready",
+    "SetAttr",
     "Signal",
+    "Stat",
+    "StatReply",
     "Stderr",
     "Stdin",
     "Stdout",
+    "Symlink",
     "decode_client_message",
     "decode_server_message",
     "is_os_string",
@@ -56,6 +72,19 @@ class Op(StrEnum):
     EXIT = "exit"
     OK = "ok"
     ERROR = "error"
+    STAT = "stat"
+    LIST = "list"
+    ENTRIES = "entries"
+    GET = "get"
+    PUT = "put"
+    FILE = "file"
+    READY = "ready"
+    DATA = "data"
+    DONE = "done"
+    CANCEL = "cancel"
+    MKDIR = "mkdir"
+    SYMLINK = "symlink"
+    SETATTR = "setattr"
 
 
 class ErrorCode(StrEnum):
@@ -78,6 +107,15 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+    PATH_OUTSIDE_ROOT = "path_outside_root"
+    IS_A_DIRECTORY = "is_a_directory"
+    NOT_A_DIRECTORY = "not_a_directory"
+    NO_SPACE = "no_space"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    SOURCE_CHANGED = "source_changed"
+    BUSY = "busy"
+    CANCELLED = "cancelled"
+    IO_ERROR = "io_error"
 
 
 # Signals a client may ask for, by their POSIX names without "SIG".
@@ -231,12 +269,231 @@ class Error(Message):
     message: str = ""
 
 
+# Files (docs/protocol.md §5) ------------------------------------------------
+
+HASH_NAME = "blake3"  # the only transfer hash of protocol version 1
+_DIGEST_LEN = 64  # hex characters of a 32-byte BLAKE3 digest
+FILE_TYPES = frozenset({"file", "dir", "link", "other"})
+
+
+def _path_problem(path: str) -> str | None:
+    if not path:
+        return "path is empty"
+    if not is_os_string(path):
+        return f"path {_shorten(path)!r} is not a file name"
+    return None
+
+
+def _mode_problem(mode: int | None) -> str | None:
+    if mode is not None and not 0 <= mode <= 0o7777:
+        return f"mode {mode} is not a permission mode"
+    return None
+
+
+def _digest_problem(digest: str | None) -> str | None:
+    if digest is not None and (
+        len(digest) != _DIGEST_LEN or digest.strip("0123456789abcdef") != ""
+    ):
+        return "digest is not 64 lowercase hex digits"
+    return None
+
+
+def _first(*problems: str | None) -> str | None:
+    return next((p for p in problems if p is not None), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Stat(Message):
+    """Describe one path (not following a final symlink)."""
+
+    OP = Op.STAT
+    path: str
+
+    def problem(self) -> str | None:
+        return _path_problem(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class ListDir(Message):
+    """List a directory: ``entries`` frames, then ``done``."""
+
+    OP = Op.LIST
+    path: str
+
+    def problem(self) -> str | None:
+        return _path_problem(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class Get(Message):
+    """Download a file from ``offset`` if ``prefix_digest`` matches its first bytes."""
+
+    OP = Op.GET
+    path: str
+    offset: int = 0
+    prefix_digest: str | None = None
+
+    def problem(self) -> str | None:
+        if self.offset < 0:
+            return "offset must be >= 0"
+        if self.offset and self.prefix_digest is None:
+            return "an offset needs its prefix_digest"
+        return _first(_path_problem(self.path), _digest_problem(self.prefix_digest))
+
+
+@dataclass(frozen=True, slots=True)
+class Put(Message):
+    """Upload a file of ``size`` bytes; the agent answers ``ready``."""
+
+    OP = Op.PUT
+    path: str
+    size: int
+    mode: int = 0o644
+    mtime_ns: int | None = None
+    hash: str = HASH_NAME
+    resume: bool = False
+
+    def problem(self) -> str | None:
+        if self.size < 0:
+            return "size must be >= 0"
+        if self.hash != HASH_NAME:
+            return f"hash {_shorten(self.hash)!r} is not supported (only {HASH_NAME})"
+        return _first(_path_problem(self.path), _mode_problem(self.mode))
+
+
+@dataclass(frozen=True, slots=True)
+class Data(Message):
+    """A piece of a file, either way; a put's first one carries ``offset``."""
+
+    OP = Op.DATA
+    HAS_BODY = True
+    body: bytes = b""
+    offset: int | None = None
+
+    def problem(self) -> str | None:
+        if self.offset is not None and self.offset < 0:
+            return "offset must be >= 0"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Done(Message):
+    """End of a transfer (with the whole file's digest) or of a listing."""
+
+    OP = Op.DONE
+    digest: str | None = None
+
+    def problem(self) -> str | None:
+        return _digest_problem(self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """Abandon a running request; it ends with ``error`` code ``cancelled``."""
+
+    OP = Op.CANCEL
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Mkdir(Message):
+    """Make a directory (its parents must exist; an existing one is fine)."""
+
+    OP = Op.MKDIR
+    path: str
+    mode: int | None = None
+
+    def problem(self) -> str | None:
+        return _first(_path_problem(self.path), _mode_problem(self.mode))
+
+
+@dataclass(frozen=True, slots=True)
+class Symlink(Message):
+    """Make ``path`` a symbolic link to ``target`` (replacing a link or file there)."""
+
+    OP = Op.SYMLINK
+    path: str
+    target: str
+
+    def problem(self) -> str | None:
+        return _first(_path_problem(self.path), _path_problem(self.target))
+
+
+@dataclass(frozen=True, slots=True)
+class SetAttr(Message):
+    """Set the mode and/or modification time of a path."""
+
+    OP = Op.SETATTR
+    path: str
+    mode: int | None = None
+    mtime_ns: int | None = None
+
+    def problem(self) -> str | None:
+        return _first(_path_problem(self.path), _mode_problem(self.mode))
+
+
+@dataclass(frozen=True, slots=True)
+class StatReply(Message):
+    """What a path is: ``type`` is file, dir, link or other."""
+
+    OP = Op.STAT
+    type: str
+    size: int
+    mode: int
+    mtime_ns: int
+    target: str | None = None
+
+    def problem(self) -> str | None:
+        return None if self.type in FILE_TYPES else f"unknown file type {_shorten(self.type)!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class Entries(Message):
+    """Some entries of a listing: the body is a JSON array of stat objects with names."""
+
+    OP = Op.ENTRIES
+    HAS_BODY = True
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo(Message):
+    """Start of a download: what the file is, and where the data starts."""
+
+    OP = Op.FILE
+    size: int
+    mode: int
+    mtime_ns: int
+    offset: int = 0
+    hash: str = HASH_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    """The agent takes a put's data from ``offset`` (a resumable prefix it holds)."""
+
+    OP = Op.READY
+    offset: int = 0
+    prefix_digest: str | None = None
+
+    def problem(self) -> str | None:
+        return _digest_problem(self.prefix_digest)
+
+
 CLIENT_MESSAGES: dict[str, type[Message]] = {
-    cls.OP: cls for cls in (Hello, Echo, Exec, Stdin, Signal)
-}
+    cls.OP: cls
+    for cls in (
+        Hello, Echo, Exec, Stdin, Signal, Stat, ListDir, Get, Put, Data, Done, Cancel, Mkdir,
+        Symlink, SetAttr,
+    )
+}  # fmt: skip
 SERVER_MESSAGES: dict[str, type[Message]] = {
-    cls.OP: cls for cls in (HelloReply, Stdout, Stderr, Exit, Ok, Error)
-}
+    cls.OP: cls
+    for cls in (
+        HelloReply, Stdout, Stderr, Exit, Ok, Error, StatReply, Entries, FileInfo, Ready, Data,
+        Done,
+    )
+}  # fmt: skip
 
 
 # Encoding and decoding ------------------------------------------------------

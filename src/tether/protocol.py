@@ -22,9 +22,16 @@ from .messages import (
     Error,
     ErrorCode,
     Exec,
+    Get,
     Hello,
     HelloReply,
+    ListDir,
     Message,
+    Mkdir,
+    Put,
+    SetAttr,
+    Stat,
+    Symlink,
     decode_client_message,
     decode_server_message,
     to_frame_parts,
@@ -94,7 +101,9 @@ Event = HelloReceived | RequestReceived | ControlReceived | ReplyReceived | Conn
 
 MAX_ERROR_MESSAGE = 1024  # characters of an error message we send
 
-_REQUESTS = (Exec, Echo)
+# Requests start under a fresh id; everything else a client sends after hello
+# (stdin, signal, data, done, cancel) is a control frame for a running one.
+_REQUESTS = (Exec, Echo, Stat, ListDir, Get, Put, Mkdir, Symlink, SetAttr)
 _REQUEST_OPS = frozenset(cls.OP.value for cls in _REQUESTS)
 
 

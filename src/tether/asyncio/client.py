@@ -40,6 +40,8 @@ from ..messages import (
 )
 from ..protocol import ClientProtocol, ConnectionFailed, ReplyReceived
 from ..tokens import find_client_token
+from . import transfer
+from .transfer import RemoteStat
 
 __all__ = ["CommandResult", "Connection", "ExitStatus", "Output", "RemoteProcess", "connect"]
 
@@ -335,6 +337,87 @@ class Connection:
         self._wire.queues[request_id] = queue
         self._wire.send(msg_factory(request_id))
         return request_id, queue
+
+    def _forget(self, request_id: int) -> None:
+        self._wire.queues.pop(request_id, None)
+
+    # Files (docs/protocol.md §5) -------------------------------------------------
+
+    async def stat(self, path: str) -> RemoteStat:
+        """Describe ``path`` on the agent (a final symlink is not followed)."""
+        return await transfer.stat_path(self, path)
+
+    async def listdir(self, path: str) -> list[RemoteStat]:
+        """The entries of a remote directory, sorted by name, each with ``name`` set."""
+        return await transfer.listdir(self, path)
+
+    async def mkdir(self, path: str, mode: int | None = None) -> None:
+        """Make a remote directory (an existing one is fine)."""
+        await transfer.mkdir(self, path, mode)
+
+    async def get(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        progress: transfer.Progress | None = None,
+    ) -> transfer.TransferResult:
+        """Download the file ``remote`` to the local path ``local``.
+
+        The bytes go to a hidden partial file beside ``local``, are checked
+        against the agent's BLAKE3 digest, and only then renamed over
+        ``local`` with the remote mode and mtime. With ``resume`` a partial
+        file left by an interrupted get is continued after its prefix is
+        verified (or started over, ``restarted=True``, if the file changed).
+
+        Raises:
+            RemoteError: the agent refused (``not_found``, ``path_outside_root``...).
+            TransferError: ``checksum_mismatch``, ``source_changed``, ``no_space``...
+        """
+        return await transfer.get_file(
+            self, remote, os.fspath(local), resume=resume, progress=progress
+        )
+
+    async def put(
+        self,
+        local: str | os.PathLike[str],
+        remote: str,
+        *,
+        resume: bool = False,
+        progress: transfer.Progress | None = None,
+    ) -> transfer.TransferResult:
+        """Upload the local file ``local`` to ``remote`` (see :meth:`get`)."""
+        return await transfer.put_file(
+            self, os.fspath(local), remote, resume=resume, progress=progress
+        )
+
+    async def get_tree(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        progress: transfer.Progress | None = None,
+    ) -> list[transfer.TransferResult]:
+        """Download the directory ``remote`` as ``local``: files, empty
+        directories, symlinks (as links), modes and mtimes."""
+        return await transfer.get_tree(
+            self, remote, os.fspath(local), resume=resume, progress=progress
+        )
+
+    async def put_tree(
+        self,
+        local: str | os.PathLike[str],
+        remote: str,
+        *,
+        resume: bool = False,
+        progress: transfer.Progress | None = None,
+    ) -> list[transfer.TransferResult]:
+        """Upload the directory ``local`` as ``remote`` (see :meth:`get_tree`)."""
+        return await transfer.put_tree(
+            self, os.fspath(local), remote, resume=resume, progress=progress
+        )
 
     async def echo(self, data: str | bytes) -> str | bytes:
         """Send ``data`` to the agent and return what came back (same type)."""

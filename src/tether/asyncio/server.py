@@ -19,11 +19,22 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
-from ..exceptions import RemoteError
+from ..exceptions import ConnectionClosed, RemoteError, TransferError
 from ..limits import DEFAULT_PORT, HELLO_TIMEOUT, PROTOCOL_VERSION, Limits
-from ..messages import Echo, Error, ErrorCode, Exec, Exit, Hello, HelloReply, Message, Ok
+from ..messages import (
+    Cancel,
+    Echo,
+    Error,
+    ErrorCode,
+    Exec,
+    Exit,
+    Hello,
+    HelloReply,
+    Message,
+    Ok,
+)
 from ..protocol import (
     ConnectionFailed,
     ControlReceived,
@@ -33,6 +44,7 @@ from ..protocol import (
     ServerProtocol,
 )
 from .execution import ExecRunner
+from .files import FILE_HANDLERS
 from .udp import PingResponder
 
 __all__ = ["Server", "ServerConfig", "ServerConnection"]
@@ -64,6 +76,14 @@ class ServerConfig:
 Handler = Callable[["ServerConnection", Any], Awaitable[Message]]
 
 
+class Controller(Protocol):
+    """A running request that takes control frames (stdin, signal, data, done)."""
+
+    def control(self, msg: Message) -> None: ...
+    def pause_output(self) -> None: ...
+    def resume_output(self) -> None: ...
+
+
 class ServerConnection(asyncio.Protocol):
     """One client connection: its protocol state, its running requests."""
 
@@ -74,7 +94,10 @@ class ServerConnection(asyncio.Protocol):
         self.peer = "?"
         self.identity: str | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
-        self.runners: dict[int, ExecRunner] = {}
+        self.controllers: dict[int, Controller] = {}
+        self._cancelled: set[int] = set()
+        self._writable = asyncio.Event()
+        self._writable.set()
         self._hello_timer: asyncio.TimerHandle | None = None
         self._input_holders: set[object] = set()
         self._early_controls: dict[int, list[Message]] = {}
@@ -108,6 +131,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._writable.set()  # wake writers: drain() now raises
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         for task in self.tasks.values():
@@ -117,13 +141,15 @@ class ServerConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        for runner in self.runners.values():
-            runner.pause_output()
+        self._writable.clear()
+        for controller in self.controllers.values():
+            controller.pause_output()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        for runner in self.runners.values():
-            runner.resume_output()
+        self._writable.set()
+        for controller in self.controllers.values():
+            controller.resume_output()
 
     # What handlers and runners use ----------------------------------------------
 
@@ -149,13 +175,27 @@ class ServerConnection(asyncio.Protocol):
     def track(self, task: asyncio.Task[Any]) -> None:
         self.server.track(task)
 
-    def attach_runner(self, request_id: int, runner: ExecRunner) -> None:
-        """Route this request's control frames to ``runner``, early ones first."""
-        self.runners[request_id] = runner
+    async def drain(self) -> None:
+        """Wait while the socket's write buffer is full.
+
+        Raises:
+            ConnectionClosed: the client is gone.
+        """
+        await self._writable.wait()
+        if self.closed:
+            raise ConnectionClosed("the client went away")
+
+    def attach(self, request_id: int, controller: Controller) -> None:
+        """Route this request's control frames to ``controller``, early ones first."""
+        self.controllers[request_id] = controller
         if self._write_paused:
-            runner.pause_output()
+            controller.pause_output()
         for msg in self._early_controls.pop(request_id, ()):
-            runner.control(msg)
+            controller.control(msg)
+
+    def cancelled_explicitly(self, request_id: int) -> bool:
+        """Whether the client sent ``cancel`` for this request."""
+        return request_id in self._cancelled
 
     # Internals ----------------------------------------------------------------------
 
@@ -176,10 +216,16 @@ class ServerConnection(asyncio.Protocol):
             if isinstance(event, RequestReceived):
                 self._start_request(event.request)
             elif isinstance(event, ControlReceived):
-                runner = self.runners.get(event.message.id)
-                if runner is not None:
-                    runner.control(event.message)
-                elif event.message.id in self.tasks:
+                msg = event.message
+                controller = self.controllers.get(msg.id)
+                if isinstance(msg, Cancel):
+                    task = self.tasks.get(msg.id)
+                    if task is not None:
+                        self._cancelled.add(msg.id)
+                        task.cancel()
+                elif controller is not None:
+                    controller.control(msg)
+                elif msg.id in self.tasks:
                     # Its handler has not run yet: keep the frame for it.
                     self._early_controls.setdefault(event.message.id, []).append(event.message)
             elif isinstance(event, HelloReceived):
@@ -241,9 +287,17 @@ class ServerConnection(asyncio.Protocol):
     async def _run_request(self, handler: Handler, request: Message) -> None:
         try:
             final = await handler(self, request)
-        except RemoteError as exc:
+        except (RemoteError, TransferError) as exc:
             final = Error(request.id, exc.code, exc.message)
         except asyncio.CancelledError:
+            if request.id in self._cancelled:
+                self._cancelled.discard(request.id)
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # handled: the request ends, the task does not
+                final = Error(request.id, ErrorCode.CANCELLED, "cancelled by the client")
+                self._finish(request.id, final)
+                return
             if self.server.stopping:
                 # Past the grace period: the request still gets its last frame.
                 self._finish(
@@ -255,7 +309,7 @@ class ServerConnection(asyncio.Protocol):
             final = Error(request.id, ErrorCode.INTERNAL, "internal error in the agent")
         finally:
             self.tasks.pop(request.id, None)
-            self.runners.pop(request.id, None)
+            self.controllers.pop(request.id, None)
             self._early_controls.pop(request.id, None)
         self._finish(request.id, final)
 
@@ -308,7 +362,7 @@ async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
         raise RemoteError(ErrorCode.NOT_FOUND, f"no such directory: {request.cwd}")
     env = {**os.environ, **(request.env or {})}
     runner = ExecRunner(request, conn, cwd=cwd, env=env)
-    conn.attach_runner(request.id, runner)
+    conn.attach(request.id, runner)
     started = time.monotonic()
     outcome = "error"
     try:
@@ -345,6 +399,7 @@ def _describe_exit(result: Exit) -> str:
 HANDLERS: dict[type[Message], Handler] = {
     Echo: handle_echo,
     Exec: handle_exec,
+    **FILE_HANDLERS,
 }
 
 
@@ -354,6 +409,7 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.encoding = locale.getpreferredencoding(False)
+        self.root = os.path.realpath(config.root)
         self.connections: set[ServerConnection] = set()
         self.stopping = False
         self.addresses: list[str] = []

@@ -1,0 +1,287 @@
+"""Files on either end of a transfer: a verified source, an atomic destination.
+
+Both the agent and the client use these: the agent reads for ``get`` and
+writes for ``put``; the client the other way round. Reading, writing and
+hashing run in threads (BLAKE3 and the kernel release the GIL for large
+buffers) so they overlap with the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+
+from ..exceptions import TransferError
+from ..messages import ErrorCode
+
+__all__ = [
+    "CHUNK_SIZE",
+    "FileSource",
+    "PartialFile",
+    "error_from_os",
+    "new_hasher",
+    "partial_path",
+    "replace_symlink",
+]
+
+CHUNK_SIZE = 1024 * 1024  # 1 MiB of file per data frame
+PARTIAL_SUFFIX = ".tether-part"
+
+_ERRNO_CODES = {
+    errno.ENOENT: ErrorCode.NOT_FOUND,
+    errno.EACCES: ErrorCode.PERMISSION_DENIED,
+    errno.EPERM: ErrorCode.PERMISSION_DENIED,
+    errno.EROFS: ErrorCode.PERMISSION_DENIED,
+    errno.EISDIR: ErrorCode.IS_A_DIRECTORY,
+    errno.ENOTDIR: ErrorCode.NOT_A_DIRECTORY,
+    errno.ENOSPC: ErrorCode.NO_SPACE,
+    errno.EDQUOT: ErrorCode.NO_SPACE,
+    errno.EFBIG: ErrorCode.NO_SPACE,
+}
+
+
+def error_from_os(exc: OSError, shown: str) -> TransferError:
+    """The wire error for ``exc``, naming the path as the user wrote it."""
+    code = _ERRNO_CODES.get(exc.errno or 0, ErrorCode.IO_ERROR)
+    reason = exc.strerror or str(exc)
+    return TransferError(code, f"{shown}: {reason}")
+
+
+def new_hasher() -> Any:
+    # One thread per hash: transfers already run one per file in parallel.
+    return blake3.blake3(max_threads=1)
+
+
+def partial_path(dest: str) -> str:
+    """Where a transfer to ``dest`` collects its bytes: hidden, same directory."""
+    head, tail = os.path.split(dest)
+    return os.path.join(head, "." + tail + PARTIAL_SUFFIX)
+
+
+def _hash_range(fd: int, length: int) -> Any:
+    hasher = new_hasher()
+    pos = 0
+    while pos < length:
+        chunk = os.pread(fd, min(CHUNK_SIZE * 4, length - pos), pos)
+        if not chunk:
+            break
+        hasher.update(chunk)
+        pos += len(chunk)
+    return hasher
+
+
+@dataclass(frozen=True, slots=True)
+class FileMeta:
+    size: int
+    mode: int
+    mtime_ns: int
+
+
+class FileSource:
+    """A regular file being sent: read in order, hashed, checked for change."""
+
+    def __init__(self, path: str, shown: str) -> None:
+        self.shown = shown
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise error_from_os(exc, shown) from None
+        st = os.fstat(self.fd)
+        if stat.S_ISDIR(st.st_mode):
+            self.close()
+            raise TransferError(ErrorCode.IS_A_DIRECTORY, f"{shown}: is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            self.close()
+            raise TransferError(ErrorCode.BAD_REQUEST, f"{shown}: not a regular file")
+        self.meta = FileMeta(st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+        self.hasher = new_hasher()
+        self.pos = 0
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    async def start_at(self, offset: int, prefix_digest: str | None) -> int:
+        """Start after the first ``offset`` bytes if their digest matches; else at 0."""
+        if 0 < offset <= self.meta.size and prefix_digest is not None:
+            hasher = await asyncio.to_thread(_hash_range, self.fd, offset)
+            if hasher.hexdigest() == prefix_digest:
+                self.hasher, self.pos = hasher, offset
+        return self.pos
+
+    async def read(self) -> bytes:
+        """The next chunk (empty at the end), hashed.
+
+        Raises:
+            TransferError: ``source_changed`` if the file ended early.
+        """
+        want = min(CHUNK_SIZE, self.meta.size - self.pos)
+        if want <= 0:
+            return b""
+        chunk = await asyncio.to_thread(self._read, want)
+        if len(chunk) < want:
+            raise self._changed()
+        self.pos += len(chunk)
+        return chunk
+
+    def _read(self, want: int) -> bytes:
+        chunk = os.pread(self.fd, want, self.pos)
+        self.hasher.update(chunk)
+        return chunk
+
+    def finish(self) -> str:
+        """The whole file's digest, once every byte was read and nothing changed.
+
+        Raises:
+            TransferError: ``source_changed`` if size or mtime moved meanwhile.
+        """
+        st = os.fstat(self.fd)
+        if st.st_size != self.meta.size or st.st_mtime_ns != self.meta.mtime_ns:
+            raise self._changed()
+        digest: str = self.hasher.hexdigest()
+        return digest
+
+    def _changed(self) -> TransferError:
+        return TransferError(ErrorCode.SOURCE_CHANGED, f"{self.shown}: changed while it was sent")
+
+
+class PartialFile:
+    """The hidden file a transfer writes before it becomes the destination.
+
+    Kept after an interruption so ``resume`` can continue it; removed when
+    the transfer fails for any other reason; renamed over the destination
+    only after the digest matched (docs/protocol.md §5.4).
+    """
+
+    def __init__(self, dest: str, shown: str, *, resume: bool) -> None:
+        self.dest = dest
+        self.shown = shown
+        self.path = partial_path(dest)
+        try:
+            if os.path.isdir(dest) and not os.path.islink(dest):
+                raise TransferError(ErrorCode.IS_A_DIRECTORY, f"{shown}: is a directory")
+            self.fd = os.open(
+                self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            raise error_from_os(exc, shown) from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise TransferError(
+                ErrorCode.BUSY, f"{shown}: another transfer is writing it"
+            ) from None
+        self.have = os.fstat(self.fd).st_size if resume else 0
+        self.hasher = new_hasher()
+        self.pos = 0
+        self.closed = False
+
+    async def prefix(self, size: int | None = None) -> tuple[int, str | None]:
+        """How much of a ``size``-byte file is already here, and its digest."""
+        if self.have <= 0 or (size is not None and self.have > size):
+            self.have = 0
+            return 0, None
+        hasher = await asyncio.to_thread(_hash_range, self.fd, self.have)
+        self._prefix_hasher = hasher
+        return self.have, hasher.hexdigest()
+
+    def start_at(self, offset: int) -> None:
+        """Continue after the verified prefix, or start over from 0.
+
+        Raises:
+            TransferError: ``bad_request`` for any other offset.
+        """
+        if offset == self.have and offset > 0:
+            self.hasher = self._prefix_hasher
+        elif offset == 0:
+            self.hasher = new_hasher()
+        else:
+            raise TransferError(ErrorCode.BAD_REQUEST, f"cannot continue at offset {offset}")
+        try:
+            os.ftruncate(self.fd, offset)
+        except OSError as exc:
+            raise error_from_os(exc, self.shown) from None
+        self.pos = offset
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await asyncio.to_thread(self._write, data)
+        except OSError as exc:
+            raise error_from_os(exc, self.shown) from None
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, self.pos)
+            self.pos += written
+            view = view[written:]
+        self.hasher.update(data)
+
+    async def commit(self, size: int, digest: str, mode: int, mtime_ns: int | None) -> None:
+        """Verify, then make the bytes the destination, atomically.
+
+        Raises:
+            TransferError: ``checksum_mismatch`` (the partial file is removed),
+                or the error of a failing fsync/rename.
+        """
+        if self.pos != size or self.hasher.hexdigest() != digest:
+            self.discard()
+            got = "size" if self.pos != size else "digest"
+            raise TransferError(
+                ErrorCode.CHECKSUM_MISMATCH,
+                f"{self.shown}: {got} does not match the sender's; nothing was written",
+            )
+        try:
+            await asyncio.to_thread(self._commit, mode, mtime_ns)
+        except OSError as exc:
+            self.discard()
+            raise error_from_os(exc, self.shown) from None
+
+    def _commit(self, mode: int, mtime_ns: int | None) -> None:
+        os.fchmod(self.fd, mode)
+        if mtime_ns is not None:
+            os.utime(self.fd, ns=(mtime_ns, mtime_ns))
+        os.fsync(self.fd)
+        os.rename(self.path, self.dest)
+        self.close()
+        directory = os.open(os.path.dirname(self.dest) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)  # the rename itself must survive a crash
+        finally:
+            os.close(directory)
+
+    def discard(self) -> None:
+        """Remove the partial file (a failed transfer leaves nothing)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self.close()
+
+    def close(self) -> None:
+        """Close, keeping the partial file for a later resume."""
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+
+def replace_symlink(target: str, path: str) -> None:
+    """Make ``path`` a symlink to ``target``, atomically replacing a link or file there."""
+    temp = path + ".tether-link"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)
+    os.symlink(target, temp)
+    try:
+        os.rename(temp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise

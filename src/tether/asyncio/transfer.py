@@ -1,0 +1,343 @@
+"""The client's side of file transfers (docs/protocol.md §5): stat, list, get, put, trees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import ConnectionClosed, ProtocolError, RemoteError, TransferError
+from ..messages import (
+    Cancel,
+    Data,
+    Done,
+    Entries,
+    Error,
+    ErrorCode,
+    FileInfo,
+    Get,
+    ListDir,
+    Message,
+    Mkdir,
+    Ok,
+    Put,
+    Ready,
+    SetAttr,
+    Stat,
+    StatReply,
+    Symlink,
+)
+from .fileio import FileSource, PartialFile, replace_symlink
+
+if TYPE_CHECKING:
+    from .client import Connection
+
+__all__ = ["Progress", "RemoteStat", "TransferResult"]
+
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(path, done, total)``: at least every 1 MiB or second,
+and exactly once with ``done == total`` when the file is complete."""
+
+PROGRESS_INTERVAL = 1.0  # seconds between progress calls at the most
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStat:
+    """A path on the agent: ``type`` is ``file``, ``dir``, ``link`` or ``other``."""
+
+    type: str
+    size: int
+    mode: int
+    mtime_ns: int
+    target: str | None = None
+    name: str | None = None  # set in listings
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == "dir"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """What one file transfer did."""
+
+    path: str
+    size: int
+    sent: int  # bytes that crossed the network (less than size after a resume)
+    digest: str
+    resumed_from: int = 0
+    restarted: bool = False  # a resume was asked for but the prefix did not match
+
+
+class _Ticker:
+    """Calls ``progress`` per chunk, and once with done == total at the very end."""
+
+    def __init__(self, progress: Progress | None, path: str, total: int) -> None:
+        self.progress, self.path, self.total = progress, path, total
+        self.last = 0.0
+
+    def update(self, done: int) -> None:
+        if self.progress is not None and done < self.total:
+            self.progress(self.path, done, self.total)
+            self.last = time.monotonic()
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress(self.path, self.total, self.total)
+
+
+async def _reply(conn: Connection, queue: asyncio.Queue[Any]) -> Message:
+    msg = await queue.get()
+    if isinstance(msg, Message):
+        conn._wire.consumed(msg)
+        if isinstance(msg, Error):
+            raise RemoteError(msg.code, msg.message)
+        return msg
+    raise msg.error  # the connection ended
+
+
+def _expect(msg: Message, kind: type[Any]) -> Any:
+    if not isinstance(msg, kind):
+        raise ProtocolError(f"expected {kind.OP}, got {msg.OP}")
+    return msg
+
+
+async def _simple(conn: Connection, factory: Callable[[int], Message], kind: type[Any]) -> Any:
+    request_id, queue = conn._open(factory)
+    try:
+        return _expect(await _reply(conn, queue), kind)
+    finally:
+        conn._forget(request_id)
+
+
+async def stat_path(conn: Connection, path: str) -> RemoteStat:
+    reply: StatReply = await _simple(conn, lambda i: Stat(i, path), StatReply)
+    return RemoteStat(reply.type, reply.size, reply.mode, reply.mtime_ns, reply.target)
+
+
+async def listdir(conn: Connection, path: str) -> list[RemoteStat]:
+    request_id, queue = conn._open(lambda i: ListDir(i, path))
+    entries: list[RemoteStat] = []
+    try:
+        while not isinstance(msg := await _reply(conn, queue), Done):
+            for item in json.loads(_expect(msg, Entries).body):
+                entries.append(
+                    RemoteStat(
+                        item["type"],
+                        item["size"],
+                        item["mode"],
+                        item["mtime_ns"],
+                        item.get("target"),
+                        item["name"],
+                    )
+                )
+    finally:
+        conn._forget(request_id)
+    return entries
+
+
+async def mkdir(conn: Connection, path: str, mode: int | None = None) -> None:
+    await _simple(conn, lambda i: Mkdir(i, path, mode), Ok)
+
+
+async def symlink(conn: Connection, path: str, target: str) -> None:
+    await _simple(conn, lambda i: Symlink(i, path, target), Ok)
+
+
+async def setattr_path(
+    conn: Connection, path: str, mode: int | None = None, mtime_ns: int | None = None
+) -> None:
+    await _simple(conn, lambda i: SetAttr(i, path, mode, mtime_ns), Ok)
+
+
+async def get_file(
+    conn: Connection, remote: str, local: str, *, resume: bool, progress: Progress | None
+) -> TransferResult:
+    partial = PartialFile(local, local, resume=resume)
+    keep = False
+    request_id: int | None = None
+    try:
+        have, prefix_digest = await partial.prefix()
+        request_id, queue = conn._open(
+            lambda i: Get(i, remote, offset=have, prefix_digest=prefix_digest)
+        )
+        info: FileInfo = _expect(await _reply(conn, queue), FileInfo)
+        partial.start_at(info.offset)
+        ticker = _Ticker(progress, remote, info.size)
+        ticker.update(info.offset)
+        while isinstance(msg := await _reply(conn, queue), Data):
+            await partial.write(msg.body)
+            ticker.update(partial.pos)
+        done: Done = _expect(msg, Done)
+        conn._forget(request_id)
+        request_id = None
+        if done.digest is None:
+            raise ProtocolError("get: done without a digest")
+        await partial.commit(info.size, done.digest, info.mode, info.mtime_ns)
+        ticker.finish()
+        return TransferResult(
+            remote,
+            info.size,
+            info.size - info.offset,
+            done.digest,
+            resumed_from=info.offset,
+            restarted=have > 0 and info.offset == 0,
+        )
+    except (ConnectionClosed, asyncio.CancelledError):
+        keep = True  # interrupted: the bytes so far stay for --resume
+        raise
+    finally:
+        if request_id is not None:
+            _cancel(conn, request_id)
+        if keep:
+            partial.close()
+        else:
+            partial.discard()
+
+
+def _cancel(conn: Connection, request_id: int) -> None:
+    """Tell the agent to stop a request we gave up on (if the connection lives)."""
+    conn._forget(request_id)
+    if conn._wire.error is None:
+        conn._wire.send(Cancel(request_id))
+
+
+async def put_file(
+    conn: Connection,
+    local: str,
+    remote: str,
+    *,
+    resume: bool,
+    progress: Progress | None,
+    mode: int | None = None,
+) -> TransferResult:
+    source = FileSource(local, local)
+    meta = source.meta
+    request_id: int | None = None
+    try:
+        request_id, queue = conn._open(
+            lambda i: Put(
+                i,
+                remote,
+                meta.size,
+                mode=meta.mode if mode is None else mode,
+                mtime_ns=meta.mtime_ns,
+                resume=resume,
+            )
+        )
+        ready: Ready = _expect(await _reply(conn, queue), Ready)
+        offset = await source.start_at(ready.offset, ready.prefix_digest)
+        ticker = _Ticker(progress, local, meta.size)
+        conn._wire.send(Data(request_id, offset=offset))
+        pending = asyncio.ensure_future(source.read())
+        try:
+            while chunk := await pending:
+                pending = asyncio.ensure_future(source.read())
+                conn._wire.send(Data(request_id, body=chunk))
+                await conn._wire.drain()
+                ticker.update(source.pos)
+                if not queue.empty():  # the agent failed early (disk full...)
+                    await _reply(conn, queue)
+        finally:
+            pending.cancel()
+        digest = source.finish()
+        conn._wire.send(Done(request_id, digest=digest))
+        _expect(await _reply(conn, queue), Ok)
+        conn._forget(request_id)
+        request_id = None
+        ticker.finish()
+        return TransferResult(
+            remote,
+            meta.size,
+            meta.size - offset,
+            digest,
+            resumed_from=offset,
+            restarted=ready.offset > 0 and offset == 0,
+        )
+    finally:
+        source.close()
+        if request_id is not None:
+            _cancel(conn, request_id)
+
+
+# Trees ------------------------------------------------------------------------------
+
+
+def _join(base: str, name: str) -> str:
+    return name if base in ("", ".") else base.rstrip("/") + "/" + name
+
+
+async def put_tree(
+    conn: Connection, local: str, remote: str, *, resume: bool, progress: Progress | None
+) -> list[TransferResult]:
+    """Copy the directory ``local`` to ``remote`` (created if missing).
+
+    Directories are made writable first and get their own mode and mtime
+    last, so read-only trees copy too; symlinks are copied as links.
+    """
+    results: list[TransferResult] = []
+    dirs: list[tuple[str, os.stat_result]] = []
+
+    async def walk(local_dir: str, remote_dir: str) -> None:
+        st = os.lstat(local_dir)
+        await mkdir(conn, remote_dir, 0o700)
+        dirs.append((remote_dir, st))
+        with os.scandir(local_dir) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            target = _join(remote_dir, entry.name)
+            if entry.is_symlink():
+                await symlink(conn, target, os.readlink(entry.path))
+            elif entry.is_dir(follow_symlinks=False):
+                await walk(entry.path, target)
+            elif entry.is_file(follow_symlinks=False):
+                results.append(
+                    await put_file(conn, entry.path, target, resume=resume, progress=progress)
+                )
+            # sockets, fifos and devices are not copied
+
+    await walk(local, remote)
+    for remote_dir, st in reversed(dirs):  # children first: their writes touch the parent
+        await setattr_path(conn, remote_dir, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+    return results
+
+
+async def get_tree(
+    conn: Connection, remote: str, local: str, *, resume: bool, progress: Progress | None
+) -> list[TransferResult]:
+    """Copy the remote directory ``remote`` to ``local`` (created if missing)."""
+    results: list[TransferResult] = []
+    dirs: list[tuple[str, RemoteStat]] = []
+
+    async def walk(remote_dir: str, local_dir: str, info: RemoteStat) -> None:
+        try:
+            os.mkdir(local_dir, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(local_dir):
+                raise TransferError(
+                    ErrorCode.NOT_A_DIRECTORY, f"{local_dir}: exists and is not a directory"
+                ) from None
+        dirs.append((local_dir, info))
+        for entry in await listdir(conn, remote_dir):
+            assert entry.name is not None
+            source = _join(remote_dir, entry.name)
+            target = os.path.join(local_dir, entry.name)
+            if entry.type == "link" and entry.target is not None:
+                replace_symlink(entry.target, target)
+            elif entry.type == "dir":
+                await walk(source, target, entry)
+            elif entry.type == "file":
+                results.append(
+                    await get_file(conn, source, target, resume=resume, progress=progress)
+                )
+
+    await walk(remote, local, await stat_path(conn, remote))
+    for local_dir, info in reversed(dirs):
+        os.chmod(local_dir, info.mode)
+        os.utime(local_dir, ns=(info.mtime_ns, info.mtime_ns))
+    return results

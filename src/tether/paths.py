@@ -1,0 +1,68 @@
+"""Confinement of request paths to the agent's root, without I/O (docs/protocol.md §5.1).
+
+The agent resolves every path a client names in two steps: lexically here
+(:func:`confine`: no NUL, ``..`` may not climb out, absolute paths must lie
+under the root), then against the file system in the I/O layer, which
+resolves symlinks with ``os.path.realpath`` and asks :func:`is_within` again.
+Both answers must be yes.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from .exceptions import RemoteError
+from .messages import ErrorCode, is_os_string
+
+__all__ = ["confine", "is_within", "outside_root"]
+
+
+def is_within(root: str, path: str) -> bool:
+    """Whether normalized absolute ``path`` is ``root`` or below it."""
+    if root == "/":
+        return path.startswith("/")
+    return path == root or path.startswith(root + "/")
+
+
+def outside_root(requested: str) -> RemoteError:
+    """The error for a path that leaves the root."""
+    shown = requested if len(requested) <= 200 else requested[:200] + "..."
+    return RemoteError(ErrorCode.PATH_OUTSIDE_ROOT, f"{shown!r} is outside the agent's root")
+
+
+def confine(root: str, requested: str) -> str:
+    """The absolute, normalized path ``requested`` names under ``root``.
+
+    ``root`` must be absolute and normalized. A relative ``requested`` is
+    taken from the root; an absolute one must lie under it.
+
+    Raises:
+        RemoteError: ``path_outside_root`` for an escape, a NUL byte or a
+            string that is not a file name; ``bad_request`` for an empty one.
+    """
+    if not requested:
+        raise RemoteError(ErrorCode.BAD_REQUEST, "path is empty")
+    if not is_os_string(requested):
+        raise outside_root(requested)  # NUL, or not bytes a file name can hold
+    if requested.startswith("/"):
+        # An absolute path must name the root as it is written, then walk on.
+        collapsed = "/" + "/".join(part for part in requested.split("/") if part)
+        if not is_within(root, collapsed):
+            raise outside_root(requested)
+        relative = collapsed[len(root) :]
+    else:
+        relative = requested
+    # A relative path is walked lexically, before any symlink is looked at: a
+    # ".." that would climb above the root at any point is an escape, even if
+    # later components come back down ("../root/x").
+    parts: list[str] = []
+    for part in relative.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise outside_root(requested)
+            parts.pop()
+        else:
+            parts.append(part)
+    return posixpath.join(root, *parts) if parts else root
