@@ -14,8 +14,9 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 
@@ -31,6 +32,8 @@ __all__ = [
     "partial_path",
     "replace_symlink",
 ]
+
+T = TypeVar("T")
 
 CHUNK_SIZE = 1024 * 1024  # 1 MiB of file per data frame
 PARTIAL_SUFFIX = ".tether-part"
@@ -85,7 +88,38 @@ class FileMeta:
     mtime_ns: int
 
 
-class FileSource:
+class _ThreadedFile:
+    """A file descriptor whose blocking work runs in threads.
+
+    A thread may outlive the coroutine that started it (the request was
+    cancelled): the descriptor is closed only after the thread is done, so
+    its number can never be reused by another file under a late write.
+    """
+
+    fd: int
+    _closed = False
+    _busy: asyncio.Future[Any] | None = None
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        self._busy = future
+        return await future
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._busy is not None and not self._busy.done():
+            self._busy.add_done_callback(lambda _: self._close_fd())
+        else:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class FileSource(_ThreadedFile):
     """A regular file being sent: read in order, hashed, checked for change."""
 
     def __init__(self, path: str, shown: str) -> None:
@@ -105,14 +139,10 @@ class FileSource:
         self.hasher = new_hasher()
         self.pos = 0
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
     async def start_at(self, offset: int, prefix_digest: str | None) -> int:
         """Start after the first ``offset`` bytes if their digest matches; else at 0."""
         if 0 < offset <= self.meta.size and prefix_digest is not None:
-            hasher = await asyncio.to_thread(_hash_range, self.fd, offset)
+            hasher = await self._in_thread(_hash_range, self.fd, offset)
             if hasher.hexdigest() == prefix_digest:
                 self.hasher, self.pos = hasher, offset
         return self.pos
@@ -126,7 +156,7 @@ class FileSource:
         want = min(CHUNK_SIZE, self.meta.size - self.pos)
         if want <= 0:
             return b""
-        chunk = await asyncio.to_thread(self._read, want)
+        chunk = await self._in_thread(self._read, want)
         if len(chunk) < want:
             raise self._changed()
         self.pos += len(chunk)
@@ -153,7 +183,7 @@ class FileSource:
         return TransferError(ErrorCode.SOURCE_CHANGED, f"{self.shown}: changed while it was sent")
 
 
-class PartialFile:
+class PartialFile(_ThreadedFile):
     """The hidden file a transfer writes before it becomes the destination.
 
     Kept after an interruption so ``resume`` can continue it; removed when
@@ -183,14 +213,14 @@ class PartialFile:
         self.have = os.fstat(self.fd).st_size if resume else 0
         self.hasher = new_hasher()
         self.pos = 0
-        self.closed = False
+        self.committed = False
 
     async def prefix(self, size: int | None = None) -> tuple[int, str | None]:
         """How much of a ``size``-byte file is already here, and its digest."""
         if self.have <= 0 or (size is not None and self.have > size):
             self.have = 0
             return 0, None
-        hasher = await asyncio.to_thread(_hash_range, self.fd, self.have)
+        hasher = await self._in_thread(_hash_range, self.fd, self.have)
         self._prefix_hasher = hasher
         return self.have, hasher.hexdigest()
 
@@ -214,7 +244,7 @@ class PartialFile:
 
     async def write(self, data: bytes) -> None:
         try:
-            await asyncio.to_thread(self._write, data)
+            await self._in_thread(self._write, data)
         except OSError as exc:
             raise error_from_os(exc, self.shown) from None
 
@@ -241,7 +271,7 @@ class PartialFile:
                 f"{self.shown}: {got} does not match the sender's; nothing was written",
             )
         try:
-            await asyncio.to_thread(self._commit, mode, mtime_ns)
+            await self._in_thread(self._commit, mode, mtime_ns)
         except OSError as exc:
             self.discard()
             raise error_from_os(exc, self.shown) from None
@@ -252,7 +282,7 @@ class PartialFile:
             os.utime(self.fd, ns=(mtime_ns, mtime_ns))
         os.fsync(self.fd)
         os.rename(self.path, self.dest)
-        self.close()
+        self.committed = True  # the name now belongs to the destination
         directory = os.open(os.path.dirname(self.dest) or ".", os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(directory)  # the rename itself must survive a crash
@@ -260,17 +290,13 @@ class PartialFile:
             os.close(directory)
 
     def discard(self) -> None:
-        """Remove the partial file (a failed transfer leaves nothing)."""
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        """Remove the partial file (a failed transfer leaves nothing); close."""
+        if not self.committed:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
         self.close()
 
-    def close(self) -> None:
-        """Close, keeping the partial file for a later resume."""
-        if not self.closed:
-            self.closed = True
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
+    # close() (from _ThreadedFile) keeps the partial file for a later resume.
 
 
 def replace_symlink(target: str, path: str) -> None:
