@@ -15,19 +15,33 @@ from tether.messages import (
     CLIENT_MESSAGES,
     SERVER_MESSAGES,
     SIGNAL_NAMES,
+    Cancel,
+    Data,
+    Done,
     Echo,
+    Entries,
     Error,
     ErrorCode,
     Exec,
     Exit,
+    FileInfo,
+    Get,
     Hello,
     HelloReply,
+    ListDir,
     Message,
+    Mkdir,
     Ok,
+    Put,
+    Ready,
+    SetAttr,
     Signal,
+    Stat,
+    StatReply,
     Stderr,
     Stdin,
     Stdout,
+    Symlink,
     decode_client_message,
     decode_server_message,
     to_frame_parts,
@@ -48,6 +62,18 @@ CLIENT_SAMPLES: list[Message] = [
     Stdin(4, b"line 1\nline 2\n"),
     Stdin(4, b"", eof=True),
     Signal(4, "TERM"),
+    Stat(9, "dir/文件"),
+    ListDir(10, "."),
+    Get(11, "big.iso"),
+    Get(12, "big.iso", offset=1024, prefix_digest="ab" * 32),
+    Put(13, "up/caf\udce9", 3, mode=0o600, mtime_ns=1_700_000_000_123_456_789, resume=True),
+    Data(13, b"abc", offset=0),
+    Data(13, b"\x00\xff"),
+    Done(13, digest="0f" * 32),
+    Cancel(13, reason="source changed"),
+    Mkdir(14, "a/b", 0o755),
+    Symlink(15, "link", "../target"),
+    SetAttr(16, "a", mode=0o700, mtime_ns=1),
 ]
 
 SERVER_SAMPLES: list[Message] = [
@@ -64,6 +90,15 @@ SERVER_SAMPLES: list[Message] = [
     Ok(2),
     Error(3, ErrorCode.NOT_FOUND, "no such program: nope"),
     Error(0, ErrorCode.AUTH_FAILED, ""),
+    StatReply(9, "file", 3, 0o644, 1_700_000_000_000_000_000),
+    StatReply(9, "link", 9, 0o777, 1, target="../target"),
+    Entries(10, b'[{"name":"a","type":"file","size":1,"mode":420,"mtime_ns":5}]'),
+    FileInfo(11, size=10, mode=0o644, mtime_ns=7, offset=4),
+    Ready(13, offset=1024, prefix_digest="cd" * 32),
+    Ready(13),
+    Data(11, b"file bytes"),
+    Done(11, digest="ef" * 32),
+    Done(10),
 ]
 
 
@@ -87,8 +122,14 @@ def test_every_message_class_has_a_sample() -> None:
 
 
 def test_op_tables_are_exactly_the_documented_ops() -> None:
-    assert set(CLIENT_MESSAGES) == {"hello", "echo", "exec", "stdin", "signal"}
-    assert set(SERVER_MESSAGES) == {"hello", "stdout", "stderr", "exit", "ok", "error"}
+    assert set(CLIENT_MESSAGES) == {
+        *("hello", "echo", "exec", "stdin", "signal", "stat", "list", "get", "put"),
+        *("data", "done", "cancel", "mkdir", "symlink", "setattr"),
+    }
+    assert set(SERVER_MESSAGES) == {
+        *("hello", "stdout", "stderr", "exit", "ok", "error", "stat", "entries", "file"),
+        *("ready", "data", "done"),
+    }
     for table in (CLIENT_MESSAGES, SERVER_MESSAGES):
         for op, cls in table.items():
             assert op == cls.OP
@@ -140,8 +181,8 @@ UNKNOWN_OPS = [
     "body",
     "OP",
     "Hello",
-    "get",
-    "put",
+    "GET",
+    "put ",
     "resize",
 ]
 

@@ -501,7 +501,7 @@ def test_bad_control_frame_fails_the_connection() -> None:
     assert_failed(server, events, "bad_request", "stdin: field 'eof' must be true or false")
 
 
-@pytest.mark.parametrize("op", ["EXEC", "ехес", "__init__", "_private", "get", "stdout", "error"])
+@pytest.mark.parametrize("op", ["EXEC", "ехес", "__init__", "_private", "GET", "stdout", "error"])
 def test_unknown_op_after_hello_fails_the_connection(op: str) -> None:
     server = open_server()
     events = feed(server, raw({"op": op, "id": 1}))

@@ -1,4 +1,4 @@
-"""Limits checked on declared lengths before anything is buffered (docs/protocol.md §5)."""
+"""Limits checked on declared lengths before anything is buffered (docs/protocol.md §10)."""
 
 from __future__ import annotations
 

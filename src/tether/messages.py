@@ -277,11 +277,9 @@ FILE_TYPES = frozenset({"file", "dir", "link", "other"})
 
 
 def _path_problem(path: str) -> str | None:
-    if not path:
-        return "path is empty"
-    if not is_os_string(path):
-        return f"path {_shorten(path)!r} is not a file name"
-    return None
+    # Only emptiness here: a NUL or a string that is no file name is refused
+    # by the agent's confinement check as path_outside_root (§5.1).
+    return "path is empty" if not path else None
 
 
 def _mode_problem(mode: int | None) -> str | None:
@@ -416,7 +414,9 @@ class Symlink(Message):
     target: str
 
     def problem(self) -> str | None:
-        return _first(_path_problem(self.path), _path_problem(self.target))
+        if not self.target or not is_os_string(self.target):
+            return "symlink target is not a file name"
+        return _path_problem(self.path)
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,7 +125,8 @@ class FileSource(_ThreadedFile):
     def __init__(self, path: str, shown: str) -> None:
         self.shown = shown
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not block the agent's loop.
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise error_from_os(exc, shown) from None
         st = os.fstat(self.fd)

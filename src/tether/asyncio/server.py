@@ -34,6 +34,7 @@ from ..messages import (
     HelloReply,
     Message,
     Ok,
+    Put,
 )
 from ..protocol import (
     ConnectionFailed,
@@ -43,7 +44,7 @@ from ..protocol import (
     RequestReceived,
     ServerProtocol,
 )
-from .execution import ExecRunner
+from .execution import KILL_GRACE, ExecRunner
 from .files import FILE_HANDLERS
 from .udp import PingResponder
 
@@ -52,6 +53,8 @@ __all__ = ["Server", "ServerConfig", "ServerConnection"]
 log = logging.getLogger("tether.server")
 
 AUTH_FAILURE_DELAY = 0.2  # seconds before a refused hello is answered
+EARLY_CONTROL_BYTES = 16 * 1024 * 1024  # 16 MiB of frames waiting for a handler: stop reading
+PORT_ATTEMPTS = 20  # tries to find a free TCP+UDP port pair for --port 0
 
 
 @dataclass
@@ -101,6 +104,9 @@ class ServerConnection(asyncio.Protocol):
         self._hello_timer: asyncio.TimerHandle | None = None
         self._input_holders: set[object] = set()
         self._early_controls: dict[int, list[Message]] = {}
+        self._early_bytes = 0
+        self._early_key = object()  # holds input while early frames pile up
+        self._takes_controls: dict[int, bool] = {}
         self._write_paused = False
         self.closed = False
 
@@ -190,8 +196,15 @@ class ServerConnection(asyncio.Protocol):
         self.controllers[request_id] = controller
         if self._write_paused:
             controller.pause_output()
-        for msg in self._early_controls.pop(request_id, ()):
+        for msg in self._drop_early_controls(request_id):
             controller.control(msg)
+
+    def _drop_early_controls(self, request_id: int) -> list[Message]:
+        early = self._early_controls.pop(request_id, [])
+        self._early_bytes -= sum(len(getattr(msg, "body", b"")) for msg in early)
+        if self._early_bytes <= EARLY_CONTROL_BYTES:
+            self.release_input(self._early_key)
+        return early
 
     def cancelled_explicitly(self, request_id: int) -> bool:
         """Whether the client sent ``cancel`` for this request."""
@@ -225,9 +238,14 @@ class ServerConnection(asyncio.Protocol):
                         task.cancel()
                 elif controller is not None:
                     controller.control(msg)
-                elif msg.id in self.tasks:
-                    # Its handler has not run yet: keep the frame for it.
-                    self._early_controls.setdefault(event.message.id, []).append(event.message)
+                elif self._takes_controls.get(msg.id):
+                    # Its handler has not run yet: keep the frame for it, and
+                    # stop reading while too much waits (a put's first data).
+                    self._early_controls.setdefault(msg.id, []).append(msg)
+                    self._early_bytes += len(getattr(msg, "body", b""))
+                    if self._early_bytes > EARLY_CONTROL_BYTES:
+                        self.hold_input(self._early_key)
+                # else: a control for a request that takes none, or has ended.
             elif isinstance(event, HelloReceived):
                 self._on_hello(event.hello)
             elif isinstance(event, ConnectionFailed):
@@ -283,6 +301,20 @@ class ServerConnection(asyncio.Protocol):
         handler = HANDLERS[type(request)]
         task = asyncio.get_running_loop().create_task(self._run_request(handler, request))
         self.tasks[request.id] = task
+        self._takes_controls[request.id] = isinstance(request, CONTROLLED)
+        task.add_done_callback(lambda _: self._request_done(request.id))
+
+    def _request_done(self, request_id: int) -> None:
+        # A task cancelled before it ever ran skipped _run_request entirely:
+        # it still owes its final frame.
+        self.tasks.pop(request_id, None)
+        self._takes_controls.pop(request_id, None)
+        self._drop_early_controls(request_id)
+        if request_id in self._cancelled:
+            self._cancelled.discard(request_id)
+            self._finish(
+                request_id, Error(request_id, ErrorCode.CANCELLED, "cancelled by the client")
+            )
 
     async def _run_request(self, handler: Handler, request: Message) -> None:
         try:
@@ -310,7 +342,6 @@ class ServerConnection(asyncio.Protocol):
         finally:
             self.tasks.pop(request.id, None)
             self.controllers.pop(request.id, None)
-            self._early_controls.pop(request.id, None)
         self._finish(request.id, final)
 
     def _finish(self, request_id: int, final: Message) -> None:
@@ -396,6 +427,8 @@ def _describe_exit(result: Exit) -> str:
     return what + (" (timed out)" if result.timed_out else "")
 
 
+CONTROLLED = (Exec, Put)  # requests that take control frames besides cancel
+
 HANDLERS: dict[type[Message], Handler] = {
     Echo: handle_echo,
     Exec: handle_exec,
@@ -438,30 +471,52 @@ class Server:
         Raises:
             OSError: an address could not be bound.
         """
-        loop = asyncio.get_running_loop()
         config = self.config
-        port = config.port
         if config.tcp:
-            for host in config.hosts:
-                server = await loop.create_server(
-                    lambda: ServerConnection(self),
-                    host,
-                    port,
-                    reuse_address=True,
-                    backlog=config.backlog,
-                )
-                self._servers.append(server)
-                bound = server.sockets[0].getsockname()
-                port = bound[1]  # port 0: every host shares the first one picked
-                self.addresses.append(f"tcp {_format_peer(bound)}")
-                if config.udp:
-                    udp, _ = await loop.create_datagram_endpoint(
-                        PingResponder, local_addr=(host, port), reuse_port=False
-                    )
-                    self._udp.append(udp)
-                    self.addresses.append(f"udp {_format_peer(udp.get_extra_info('sockname'))}")
+            # With port 0 the kernel picks a TCP port; UDP (or another host)
+            # may find that number taken: pick again, a bounded number of times.
+            attempts = PORT_ATTEMPTS if config.port == 0 else 1
+            for attempt in range(attempts):
+                try:
+                    await self._start_inet(config.port)
+                    break
+                except OSError as exc:
+                    self._close_listeners()
+                    if exc.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                        raise
         if config.unix_path:
             await self._start_unix(config.unix_path)
+
+    async def _start_inet(self, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        for host in config.hosts:
+            server = await loop.create_server(
+                lambda: ServerConnection(self),
+                host,
+                port,
+                reuse_address=True,
+                backlog=config.backlog,
+            )
+            self._servers.append(server)
+            bound = server.sockets[0].getsockname()
+            port = bound[1]  # port 0: every host shares the first one picked
+            self.addresses.append(f"tcp {_format_peer(bound)}")
+            if config.udp:
+                udp, _ = await loop.create_datagram_endpoint(
+                    PingResponder, local_addr=(host, port), reuse_port=False
+                )
+                self._udp.append(udp)
+                self.addresses.append(f"udp {_format_peer(udp.get_extra_info('sockname'))}")
+
+    def _close_listeners(self) -> None:
+        for server in self._servers:
+            server.close()
+        for udp in self._udp:
+            udp.close()
+        self._servers.clear()
+        self._udp.clear()
+        self.addresses.clear()
 
     async def _start_unix(self, path: str) -> None:
         loop = asyncio.get_running_loop()
@@ -490,10 +545,8 @@ class Server:
     async def close(self) -> None:
         """Stop accepting, give running requests ``grace`` seconds, end the rest."""
         self.stopping = True
-        for server in self._servers:
-            server.close()
-        for udp in self._udp:
-            udp.close()
+        servers = list(self._servers)
+        self._close_listeners()
         if self._unix_bound is not None:  # never another agent's socket
             with contextlib.suppress(OSError):
                 os.unlink(self._unix_bound)
@@ -508,9 +561,11 @@ class Server:
                 task.cancel()
         await asyncio.sleep(0)  # let cancelled requests start their clean-up
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.config.grace)
+            # Process-group clean-up (TERM, then KILL after KILL_GRACE) runs
+            # to its end whatever --grace is: nothing may outlive the agent.
+            await asyncio.wait(list(self._tasks), timeout=KILL_GRACE + 2.0)
         for conn in list(self.connections):
             conn._close()
-        for server in self._servers:
+        for server in servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)

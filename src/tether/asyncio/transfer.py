@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConnectionClosed, ProtocolError, RemoteError, TransferError
 from ..messages import (
+    HASH_NAME,
     Cancel,
     Data,
     Done,
@@ -167,6 +168,11 @@ async def get_file(
             lambda i: Get(i, remote, offset=have, prefix_digest=prefix_digest)
         )
         info: FileInfo = _expect(await _reply(conn, queue), FileInfo)
+        if info.hash != HASH_NAME:
+            raise TransferError(
+                ErrorCode.BAD_REQUEST,
+                f"{remote}: the agent hashes with {info.hash!r}, not {HASH_NAME}",
+            )
         partial.start_at(info.offset)
         ticker = _Ticker(progress, remote, info.size)
         ticker.update(info.offset)
