@@ -430,61 +430,86 @@ async def _copy(
     token_file: str | None,
     connect_timeout: float,
 ) -> int:
-    import posixpath
-
     import tether
-    from tether.progressbar import TransferBars
 
     async with tether.connect(
         remote.host, token_file=token_file, connect_timeout=connect_timeout
     ) as conn:
         try:
             if upload:
-                is_dir = os.path.isdir(local)
-                if is_dir and not recursive:
-                    _fail(f"{local}: is a directory (use -r)", 1)
-                target = remote.path
-                try:
-                    if (await conn.stat(target)).is_dir:  # into an existing directory
-                        target = posixpath.join(target, os.path.basename(os.path.normpath(local)))
-                except tether.RemoteError as exc:
-                    if exc.code != "not_found":
-                        raise
-                total = _tree_size(local) if is_dir else os.path.getsize(local)
-                with TransferBars(quiet=quiet, total=total) as bars:
-                    if is_dir:
-                        results = await conn.put_tree(local, target, resume=resume, progress=bars)
-                    else:
-                        results = [await conn.put(local, target, resume=resume, progress=bars)]
+                results = await _upload(conn, local, remote.path, recursive, resume, quiet)
             else:
-                info = await conn.stat(remote.path)
-                if info.is_dir and not recursive:
-                    _fail(f"{remote.path}: is a directory (use -r)", 1)
-                target = local
-                if os.path.isdir(target):
-                    name = posixpath.basename(posixpath.normpath(remote.path))
-                    target = os.path.join(target, name)
-                with TransferBars(
-                    quiet=quiet, total=info.size if not info.is_dir else None
-                ) as bars:
-                    if info.is_dir:
-                        results = await conn.get_tree(
-                            remote.path, target, resume=resume, progress=bars
-                        )
-                    else:
-                        results = [
-                            await conn.get(remote.path, target, resume=resume, progress=bars)
-                        ]
-        except (tether.RemoteError, tether.TransferError) as exc:
-            click.echo(f"tether: {exc.message}", err=True)
+                results = await _download(conn, remote.path, local, recursive, resume, quiet)
+        except (tether.RemoteError, tether.TransferError, _CopyRefused) as exc:
+            click.echo(f"tether: {exc}", err=True)
+            return 1
+        except OSError as exc:  # the local side, before any transfer started
+            click.echo(f"tether: {exc.filename}: {exc.strerror}", err=True)
             return 1
     for result in results:
         if result.restarted:
             click.echo(
-                f"tether: warning: {result.path} changed since the partial copy; copied from the start",
+                f"tether: warning: {result.path} changed since the partial copy; "
+                "copied from the start",
                 err=True,
             )
     return 0
+
+
+class _CopyRefused(Exception):
+    """cp will not do what was asked (a directory without -r...): one line, exit 1."""
+
+
+async def _upload(
+    conn: tether.Connection, local: str, target: str, recursive: bool, resume: bool, quiet: bool
+) -> list[tether.TransferResult]:
+    import posixpath
+    import stat
+
+    import tether
+    from tether.progressbar import TransferBars
+
+    is_dir = stat.S_ISDIR(os.stat(local).st_mode)  # a missing source fails here, clearly
+    if is_dir and not recursive:
+        raise _CopyRefused(f"{local}: is a directory (use -r)")
+    try:
+        into = (await conn.stat(target, follow=True)).is_dir
+    except tether.RemoteError as exc:
+        if exc.code != "not_found":
+            raise
+        if target.endswith("/"):  # as cp and scp: "dir/" must be a directory
+            raise _CopyRefused(f"{target}: no such directory") from None
+        into = False
+    else:
+        if target.endswith("/") and not into:
+            raise _CopyRefused(f"{target}: not a directory")
+    if into:  # an existing directory receives the source by its name
+        target = posixpath.join(target, os.path.basename(os.path.normpath(local)))
+    total = _tree_size(local) if is_dir else os.path.getsize(local)
+    with TransferBars(quiet=quiet, total=total) as bars:
+        if is_dir:
+            return await conn.put_tree(local, target, resume=resume, progress=bars)
+        return [await conn.put(local, target, resume=resume, progress=bars)]
+
+
+async def _download(
+    conn: tether.Connection, source: str, target: str, recursive: bool, resume: bool, quiet: bool
+) -> list[tether.TransferResult]:
+    import posixpath
+
+    from tether.progressbar import TransferBars
+
+    info = await conn.stat(source, follow=True)
+    if info.is_dir and not recursive:
+        raise _CopyRefused(f"{source}: is a directory (use -r)")
+    if os.path.isdir(target):
+        target = os.path.join(target, posixpath.basename(posixpath.normpath(source)))
+    elif target.endswith("/"):
+        raise _CopyRefused(f"{target}: no such directory")
+    with TransferBars(quiet=quiet, total=None if info.is_dir else info.size) as bars:
+        if info.is_dir:
+            return await conn.get_tree(source, target, resume=resume, progress=bars)
+        return [await conn.get(source, target, resume=resume, progress=bars)]
 
 
 def _tree_size(top: str) -> int:
@@ -506,10 +531,11 @@ def ls(target: str, as_json: bool, token_file: str | None, connect_timeout: floa
     import tether
 
     try:
-        remote = tether.parse_remote_path(target) or tether.parse_remote_path(target + ":")
+        remote = tether.parse_remote_path(target)
     except tether.UsageError as exc:
         _fail(str(exc), 2)
-    assert remote is not None
+    if remote is None:
+        _fail(f"{target}: expected HOST:PATH (ls lists a remote directory)", 2)
     _run(lambda: _ls(remote, as_json, token_file, connect_timeout))
 
 
@@ -527,11 +553,13 @@ async def _ls(
         remote.host, token_file=token_file, connect_timeout=connect_timeout
     ) as conn:
         try:
-            info = await conn.stat(remote.path)
+            # As ls(1): "link/" lists the directory a link leads to.
+            info = await conn.stat(remote.path, follow=remote.path.endswith("/"))
             if info.is_dir:
                 entries = await conn.listdir(remote.path)
             else:
-                entries = [dataclasses_replace(info, name=posixpath.basename(remote.path))]
+                name = posixpath.basename(remote.path.rstrip("/")) or remote.path
+                entries = [dataclasses_replace(info, name=name)]
         except tether.RemoteError as exc:
             click.echo(f"tether: {exc.message}", err=True)
             return 1
@@ -547,7 +575,9 @@ async def _ls(
             }
             for e in entries
         ]
-        click.echo(json.dumps(rows, ensure_ascii=False, indent=None))
+        # ASCII JSON: a name that is not UTF-8 stays a \udcXX escape, which
+        # os.fsencode() turns back into its bytes.
+        _write_line(json.dumps(rows))
         return 0
     kinds = {"dir": stat_module.S_IFDIR, "link": stat_module.S_IFLNK, "file": stat_module.S_IFREG}
     for e in entries:
@@ -556,8 +586,15 @@ async def _ls(
         name = e.name or ""
         if e.target is not None:
             name += f" -> {e.target}"
-        click.echo(f"{mode} {e.size:>12} {when} {name}")
+        _write_line(f"{mode} {e.size:>12} {when} {name}")
     return 0
+
+
+def _write_line(text: str) -> None:
+    # File names are bytes: write them back as the bytes they were
+    # (surrogateescape), whatever encoding stdout was opened with.
+    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape") + b"\n")
+    sys.stdout.buffer.flush()
 
 
 # echo, ping ----------------------------------------------------------------------

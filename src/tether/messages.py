@@ -302,10 +302,11 @@ def _first(*problems: str | None) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Stat(Message):
-    """Describe one path (not following a final symlink)."""
+    """Describe one path; a final symlink is described itself unless ``follow``."""
 
     OP = Op.STAT
     path: str
+    follow: bool = False
 
     def problem(self) -> str | None:
         return _path_problem(self.path)
@@ -387,10 +388,16 @@ class Done(Message):
 
 @dataclass(frozen=True, slots=True)
 class Cancel(Message):
-    """Abandon a running request; it ends with ``error`` code ``cancelled``."""
+    """Abandon a running request; it ends with ``error`` code ``cancelled``.
+
+    ``keep`` asks a put to keep its partial file for a later resume (the
+    sender was interrupted); without it the partial file is removed (the
+    sender gave up, e.g. its source changed).
+    """
 
     OP = Op.CANCEL
     reason: str = ""
+    keep: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -343,9 +343,10 @@ class Connection:
 
     # Files (docs/protocol.md §5) -------------------------------------------------
 
-    async def stat(self, path: str) -> RemoteStat:
-        """Describe ``path`` on the agent (a final symlink is not followed)."""
-        return await transfer.stat_path(self, path)
+    async def stat(self, path: str, *, follow: bool = False) -> RemoteStat:
+        """Describe ``path`` on the agent; a final symlink itself unless ``follow``
+        (then its target, which must lie inside the agent's root)."""
+        return await transfer.stat_path(self, path, follow=follow)
 
     async def listdir(self, path: str) -> list[RemoteStat]:
         """The entries of a remote directory, sorted by name, each with ``name`` set."""

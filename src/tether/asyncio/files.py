@@ -93,7 +93,7 @@ def _root(conn: ServerConnection) -> str:
 
 
 async def handle_stat(conn: ServerConnection, request: Stat) -> Message:
-    path = resolve(_root(conn), request.path, follow=False)
+    path = resolve(_root(conn), request.path, follow=request.follow)
     try:
         info = _describe(path, os.lstat(path))
     except OSError as exc:
@@ -213,9 +213,10 @@ async def handle_put(conn: ServerConnection, request: Put) -> Message:
         try:
             digest = await receiver.receive()
         except asyncio.CancelledError:
-            # A cut connection keeps the bytes for --resume; an explicit
-            # cancel (the sender gave up) does not.
-            keep = not conn.cancelled_explicitly(request.id)
+            # A cut connection, or a sender that was interrupted, keeps the
+            # bytes for --resume; a sender that gave up does not.
+            cancel = conn.cancel_of(request.id)
+            keep = cancel is None or cancel.keep
             raise
         await partial.commit(request.size, digest, request.mode, request.mtime_ns)
     finally:

@@ -98,7 +98,7 @@ class ServerConnection(asyncio.Protocol):
         self.identity: str | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.controllers: dict[int, Controller] = {}
-        self._cancelled: set[int] = set()
+        self._cancelled: dict[int, Cancel] = {}
         self._writable = asyncio.Event()
         self._writable.set()
         self._hello_timer: asyncio.TimerHandle | None = None
@@ -206,9 +206,9 @@ class ServerConnection(asyncio.Protocol):
             self.release_input(self._early_key)
         return early
 
-    def cancelled_explicitly(self, request_id: int) -> bool:
-        """Whether the client sent ``cancel`` for this request."""
-        return request_id in self._cancelled
+    def cancel_of(self, request_id: int) -> Cancel | None:
+        """The ``cancel`` frame the client sent for this request, if any."""
+        return self._cancelled.get(request_id)
 
     # Internals ----------------------------------------------------------------------
 
@@ -234,7 +234,7 @@ class ServerConnection(asyncio.Protocol):
                 if isinstance(msg, Cancel):
                     task = self.tasks.get(msg.id)
                     if task is not None:
-                        self._cancelled.add(msg.id)
+                        self._cancelled[msg.id] = msg
                         task.cancel()
                 elif controller is not None:
                     controller.control(msg)
@@ -310,8 +310,7 @@ class ServerConnection(asyncio.Protocol):
         self.tasks.pop(request_id, None)
         self._takes_controls.pop(request_id, None)
         self._drop_early_controls(request_id)
-        if request_id in self._cancelled:
-            self._cancelled.discard(request_id)
+        if self._cancelled.pop(request_id, None) is not None:
             self._finish(
                 request_id, Error(request_id, ErrorCode.CANCELLED, "cancelled by the client")
             )
@@ -322,8 +321,7 @@ class ServerConnection(asyncio.Protocol):
         except (RemoteError, TransferError) as exc:
             final = Error(request.id, exc.code, exc.message)
         except asyncio.CancelledError:
-            if request.id in self._cancelled:
-                self._cancelled.discard(request.id)
+            if self._cancelled.pop(request.id, None) is not None:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()  # handled: the request ends, the task does not

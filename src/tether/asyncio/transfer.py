@@ -33,7 +33,7 @@ from ..messages import (
     StatReply,
     Symlink,
 )
-from .fileio import FileSource, PartialFile, replace_symlink
+from .fileio import FileSource, PartialFile, error_from_os, replace_symlink
 
 if TYPE_CHECKING:
     from .client import Connection
@@ -116,8 +116,8 @@ async def _simple(conn: Connection, factory: Callable[[int], Message], kind: typ
         conn._forget(request_id)
 
 
-async def stat_path(conn: Connection, path: str) -> RemoteStat:
-    reply: StatReply = await _simple(conn, lambda i: Stat(i, path), StatReply)
+async def stat_path(conn: Connection, path: str, *, follow: bool = False) -> RemoteStat:
+    reply: StatReply = await _simple(conn, lambda i: Stat(i, path, follow), StatReply)
     return RemoteStat(reply.type, reply.size, reply.mode, reply.mtime_ns, reply.target)
 
 
@@ -206,11 +206,11 @@ async def get_file(
             partial.discard()
 
 
-def _cancel(conn: Connection, request_id: int) -> None:
+def _cancel(conn: Connection, request_id: int, *, keep: bool = False) -> None:
     """Tell the agent to stop a request we gave up on (if the connection lives)."""
     conn._forget(request_id)
     if conn._wire.error is None:
-        conn._wire.send(Cancel(request_id))
+        conn._wire.send(Cancel(request_id, keep=keep))
 
 
 async def put_file(
@@ -240,13 +240,15 @@ async def put_file(
         offset = await source.start_at(ready.offset, ready.prefix_digest)
         ticker = _Ticker(progress, local, meta.size)
         conn._wire.send(Data(request_id, offset=offset))
+        sent = offset
         pending = asyncio.ensure_future(source.read())
         try:
             while chunk := await pending:
-                pending = asyncio.ensure_future(source.read())
+                pending = asyncio.ensure_future(source.read())  # read ahead while sending
                 conn._wire.send(Data(request_id, body=chunk))
                 await conn._wire.drain()
-                ticker.update(source.pos)
+                sent += len(chunk)
+                ticker.update(sent)
                 if not queue.empty():  # the agent failed early (disk full...)
                     await _reply(conn, queue)
         finally:
@@ -265,6 +267,11 @@ async def put_file(
             resumed_from=offset,
             restarted=ready.offset > 0 and offset == 0,
         )
+    except asyncio.CancelledError:
+        if request_id is not None:  # interrupted: the agent keeps the bytes for --resume
+            _cancel(conn, request_id, keep=True)
+            request_id = None
+        raise
     finally:
         source.close()
         if request_id is not None:
@@ -290,11 +297,16 @@ async def put_tree(
     dirs: list[tuple[str, os.stat_result]] = []
 
     async def walk(local_dir: str, remote_dir: str) -> None:
-        st = os.lstat(local_dir)
-        await mkdir(conn, remote_dir, 0o700)
+        try:
+            st = os.lstat(local_dir)
+            if not stat.S_ISDIR(st.st_mode):
+                raise TransferError(ErrorCode.NOT_A_DIRECTORY, f"{local_dir}: not a directory")
+            with os.scandir(local_dir) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            raise error_from_os(exc, local_dir) from None
+        await mkdir(conn, remote_dir, 0o700)  # writable until its own mode is set, last
         dirs.append((remote_dir, st))
-        with os.scandir(local_dir) as it:
-            entries = sorted(it, key=lambda e: e.name)
         for entry in entries:
             target = _join(remote_dir, entry.name)
             if entry.is_symlink():
@@ -321,6 +333,7 @@ async def get_tree(
     dirs: list[tuple[str, RemoteStat]] = []
 
     async def walk(remote_dir: str, local_dir: str, info: RemoteStat) -> None:
+        entries = await listdir(conn, remote_dir)  # before anything is made here
         try:
             os.mkdir(local_dir, 0o700)
         except FileExistsError:
@@ -328,8 +341,10 @@ async def get_tree(
                 raise TransferError(
                     ErrorCode.NOT_A_DIRECTORY, f"{local_dir}: exists and is not a directory"
                 ) from None
+        except OSError as exc:
+            raise error_from_os(exc, local_dir) from None
         dirs.append((local_dir, info))
-        for entry in await listdir(conn, remote_dir):
+        for entry in entries:
             assert entry.name is not None
             source = _join(remote_dir, entry.name)
             target = os.path.join(local_dir, entry.name)
@@ -342,7 +357,10 @@ async def get_tree(
                     await get_file(conn, source, target, resume=resume, progress=progress)
                 )
 
-    await walk(remote, local, await stat_path(conn, remote))
+    top = await stat_path(conn, remote, follow=True)  # a link to a directory copies it
+    if not top.is_dir:
+        raise RemoteError(ErrorCode.NOT_A_DIRECTORY, f"{remote}: not a directory")
+    await walk(remote, local, top)
     for local_dir, info in reversed(dirs):
         os.chmod(local_dir, info.mode)
         os.utime(local_dir, ns=(info.mtime_ns, info.mtime_ns))

@@ -1,0 +1,490 @@
+"""Transfer throughput: a 1 GiB put and get, against raw pipes measured in the same run.
+
+Run by hand (``.venv/bin/python bench/bench_transfer.py``); this is a benchmark,
+not a test. It writes one random file (1 GiB by default, ``--size`` in MiB) in a
+temporary directory, starts a real agent (``python -m tether serve --port 0``,
+its own state directory, its root in that temporary directory) and measures,
+through the public API on one connection, timing only the transfer itself:
+
+- ``conn.put(file, remote)``: the file to the agent's root;
+- ``conn.get(remote, file)``: the same file back from the agent's root.
+
+Both include what a tether transfer always does: BLAKE3 on both ends, the
+write to a hidden partial file, ``fsync`` and the rename.
+
+For comparison, in the same run, over TCP on 127.0.0.1:
+
+- a raw asyncio pipe: this script sends the file in 1 MiB writes on a stream
+  (uvloop when importable, as tether), a receiver process (an asyncio
+  ``BufferedProtocol``) writes what arrives to a file and fsyncs it, then
+  acknowledges. No framing, no hashing, no partial file: the floor of moving
+  the bytes in Python;
+- ``socat -u`` with 1 MiB blocks, sender and receiver processes, then an
+  ``fsync`` of what arrived (if socat is installed).
+
+Each number is MB/s (10^6 bytes per second), the median of ``--runs`` runs;
+within a run the four measurements take turns (in a rotated order), so
+background load falls on all of them. Loopback only; every run is bounded by
+a timeout; the temporary directory and every process are removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
+
+MiB = 1024 * 1024
+CHUNK = MiB  # bytes per write of the raw pipe (tether's chunk size too)
+RUN_TIMEOUT = 300.0  # seconds one measurement may take before the benchmark gives up
+START_TIMEOUT = 15.0  # seconds for a server process to report its port
+COUNT = struct.Struct(">Q")  # the raw receiver's acknowledgement: bytes it wrote
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is importable: the policy tether uses."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+# The raw pipe: a receiver process and a sender --------------------------------------
+
+
+class RawReceiver(asyncio.BufferedProtocol):
+    """Writes every byte of a connection to ``dest``; at EOF fsyncs and acknowledges."""
+
+    def __init__(self, dest: str) -> None:
+        self.dest = dest
+        self.buffer = memoryview(bytearray(CHUNK))
+        self.count = 0
+        self.fd = -1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        view = self.buffer[:nbytes]
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.count += nbytes
+
+    def eof_received(self) -> bool:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        self.transport.write(COUNT.pack(self.count))
+        self.transport.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+async def serve_raw_receiver(dest: str) -> None:
+    """The receiver process: print the port, receive until terminated."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: RawReceiver(dest), "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    server.close()
+
+
+async def raw_send(port: int, source: Path, size: int) -> float:
+    """Seconds to send ``source`` through the raw pipe until the receiver has it on disk."""
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        while chunk := os.read(fd, CHUNK):
+            writer.write(chunk)
+            await writer.drain()
+    finally:
+        os.close(fd)
+    writer.write_eof()
+    (count,) = COUNT.unpack(await reader.readexactly(COUNT.size))
+    elapsed = time.perf_counter() - started
+    writer.close()
+    await writer.wait_closed()
+    if count != size:
+        raise SystemExit(f"the raw receiver wrote {count} bytes, not {size}")
+    return elapsed
+
+
+# socat --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on TCP 127.0.0.1:``port`` (Linux: /proc/net/tcp)."""
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        time.sleep(0.5)
+        return True
+    wanted = f"0100007F:{port:04X}"
+    return any(f[1] == wanted and f[3] == "0A" for f in (line.split() for line in lines))
+
+
+def socat_send(socat: str, source: Path, dest: Path, size: int) -> float:
+    """Seconds for ``socat -u`` to move ``source`` to ``dest`` over TCP, fsync included."""
+    port = free_port()
+    block = str(CHUNK)
+    receiver = subprocess.Popen(
+        [
+            socat,
+            "-u",
+            "-b",
+            block,
+            f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr",
+            f"OPEN:{dest},creat,trunc,wronly",
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not listening(port):
+            if receiver.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the socat receiver did not start")
+            time.sleep(0.01)
+        started = time.perf_counter()
+        sender = subprocess.run(
+            [socat, "-u", "-b", block, f"OPEN:{source},rdonly", f"TCP:127.0.0.1:{port}"],
+            stdin=subprocess.DEVNULL,
+            timeout=RUN_TIMEOUT,
+            check=False,
+        )
+        receiver.wait(RUN_TIMEOUT)
+        fd = os.open(dest, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        elapsed = time.perf_counter() - started
+    finally:
+        stop_process(receiver)
+    if sender.returncode or receiver.returncode or dest.stat().st_size != size:
+        raise SystemExit(
+            f"socat failed: sender {sender.returncode}, receiver {receiver.returncode}"
+        )
+    return elapsed
+
+
+# Processes ----------------------------------------------------------------------------
+
+
+def start_agent(tmp: Path, root: Path) -> tuple[subprocess.Popen[bytes], int, str]:
+    """Start ``python -m tether serve --port 0``; return it, its port and token."""
+    log = tmp / "agent.log"
+    with log.open("wb") as stderr:
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tether",
+                "serve",
+                "--port",
+                "0",
+                "--no-udp",
+                "--state-dir",
+                str(tmp / "state"),
+                "--root",
+                str(root),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    prefix = "tether: listening on tcp 127.0.0.1:"
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith(prefix):
+                token = (tmp / "state" / "token").read_text().strip()
+                return agent, int(line[len(prefix) :]), token
+        if agent.poll() is not None:
+            break
+        time.sleep(0.05)
+    stop_process(agent)
+    raise SystemExit(f"the agent did not start; its log:\n{log.read_text(errors='replace')}")
+
+
+def start_raw_receiver(dest: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start this script as the raw pipe's receiver; return it and its port."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--raw-receiver", str(dest)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the receiver prints its port first thing
+    if not line.strip().isdigit():
+        stop_process(proc)
+        raise SystemExit("the raw receiver did not start")
+    return proc, int(line)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """A process's peak resident set size (Linux VmHWM), in MiB."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def write_random(path: Path, size: int) -> None:
+    with path.open("wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(left, 4 * MiB))
+            f.write(block)
+            left -= len(block)
+
+
+def remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+# Measuring ----------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    tmp: Path
+    source: Path  # the local file put sends
+    root: Path  # the agent's root
+    port: int
+    token: str
+    raw_port: int
+    raw_dest: Path
+    socat: str | None
+    size: int
+
+
+async def measure(setup: Setup, runs: int) -> dict[str, list[float]]:
+    """Seconds per run of each way, runs interleaved in a rotating order."""
+    import tether
+
+    os.link(setup.source, setup.root / "source.bin")  # what get fetches
+    got = setup.tmp / "got.bin"
+    times: dict[str, list[float]] = {"put": [], "get": [], "raw": [], "socat": []}
+    digests: set[str] = set()
+
+    async with tether.connect(f"127.0.0.1:{setup.port}", token=setup.token) as conn:
+
+        async def put() -> float:
+            started = time.perf_counter()
+            result = await conn.put(str(setup.source), "put.bin")
+            elapsed = time.perf_counter() - started
+            digests.add(result.digest)
+            remove(setup.root / "put.bin")
+            return elapsed
+
+        async def get() -> float:
+            started = time.perf_counter()
+            result = await conn.get("source.bin", str(got))
+            elapsed = time.perf_counter() - started
+            digests.add(result.digest)
+            remove(got)
+            return elapsed
+
+        async def raw() -> float:
+            elapsed = await raw_send(setup.raw_port, setup.source, setup.size)
+            remove(setup.raw_dest)
+            return elapsed
+
+        async def socat() -> float:
+            assert setup.socat is not None
+            dest = setup.tmp / "socat.bin"
+            elapsed = await asyncio.to_thread(
+                socat_send, setup.socat, setup.source, dest, setup.size
+            )
+            remove(dest)
+            return elapsed
+
+        ways: dict[str, Callable[[], Awaitable[float]]] = {"put": put, "raw": raw, "get": get}
+        if setup.socat:
+            ways["socat"] = socat
+        order = list(ways)
+        for run in range(runs):
+            for name in order[run % len(order) :] + order[: run % len(order)]:
+                async with asyncio.timeout(RUN_TIMEOUT):
+                    seconds = await ways[name]()
+                times[name].append(seconds)
+                print(
+                    f"  run {run + 1}: {name:5} {setup.size / seconds / 1e6:8.0f} MB/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    if len(digests) != 1:
+        raise SystemExit(f"put and get disagree on the file's digest: {digests}")
+    return times
+
+
+def print_table(times: dict[str, list[float]], size: int, runs: int) -> None:
+    rate = {k: size / statistics.median(v) / 1e6 for k, v in times.items() if v}
+    raw, socat = rate["raw"], rate.get("socat")
+    label = f"{size // MiB} MiB" if size % (1024 * MiB) else f"{size // (1024 * MiB)} GiB"
+    rows = [
+        ("tether put (conn.put)", rate["put"]),
+        ("tether get (conn.get)", rate["get"]),
+        ("raw asyncio pipe", raw),
+    ]
+    if socat is not None:
+        rows.append(("socat -u, 1 MiB blocks", socat))
+    header = (f"one file, {label}, loopback", "MB/s", "/ raw pipe", "/ socat")
+    lines = [
+        (
+            name,
+            f"{value:,.0f}",
+            f"{value / raw:.2f}",
+            f"{value / socat:.2f}" if socat is not None else "-",
+        )
+        for name, value in rows
+    ]
+    widths = [max(len(x) for x in column) for column in zip(header, *lines, strict=True)]
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        padded = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    print(fmt(header))
+    rule = ["-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)]
+    print("|" + "|".join(rule) + "|")
+    for line in lines:
+        print(fmt(line))
+    print(f"\nmedians of {runs} runs; MB = 10^6 bytes; higher is better; fsync included")
+
+
+def file_system(directory: Path) -> str:
+    """The type of the file system ``directory`` is on (Linux: /proc/mounts), or "?"."""
+    best, kind = "", "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            mount = fields[1].replace("\\040", " ")
+            inside = str(directory) == mount or str(directory).startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best):
+                best, kind = mount, fields[2]
+    return kind
+
+
+def describe_machine(directory: Path) -> str:
+    try:
+        from importlib.metadata import version
+
+        import uvloop  # noqa: F401
+
+        loop = f"uvloop {version('uvloop')}"
+    except ImportError:
+        loop = "asyncio default loop (no uvloop)"
+    import tether
+
+    fs = file_system(directory)
+    return (
+        f"tether {tether.__version__}, Python {platform.python_version()}, {loop}, "
+        f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+        f"files on {directory} ({fs})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs per way (median is shown)")
+    parser.add_argument("--size", type=int, default=1024, help="file size in MiB")
+    parser.add_argument("--dir", type=Path, default=None, help="where the temporary files go")
+    parser.add_argument("--no-socat", action="store_true", help="skip socat even if installed")
+    parser.add_argument("--raw-receiver", metavar="DEST", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_receiver:
+        run_loop(serve_raw_receiver(args.raw_receiver))
+        return
+    if args.runs < 1 or args.size < 1:
+        parser.error("--runs and --size must be at least 1")
+    size = args.size * MiB
+    socat = None if args.no_socat else shutil.which("socat")
+
+    with tempfile.TemporaryDirectory(prefix="tether-bench-", dir=args.dir) as name:
+        tmp = Path(name)
+        print(describe_machine(tmp), flush=True)
+        if socat is None:
+            print("socat is not installed: its row is left out", file=sys.stderr)
+        root = tmp / "root"
+        root.mkdir()
+        source = tmp / "source.bin"
+        write_random(source, size)
+        agent, port, token = start_agent(tmp, root)
+        try:
+            raw_dest = tmp / "raw.bin"
+            receiver, raw_port = start_raw_receiver(raw_dest)
+            try:
+                setup = Setup(tmp, source, root, port, token, raw_port, raw_dest, socat, size)
+                times = run_loop(measure(setup, args.runs))
+                agent_rss = peak_rss_mib(agent.pid)
+            finally:
+                stop_process(receiver)
+        finally:
+            stop_process(agent)
+        log = (tmp / "agent.log").read_text(errors="replace")
+    if "Traceback" in log:
+        print(f"warning: the agent logged a traceback:\n{log}", file=sys.stderr)
+    print()
+    print_table(times, size, args.runs)
+    client_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    shown = f"{agent_rss:.0f} MiB" if agent_rss is not None else "unknown"
+    print(f"peak RSS: agent {shown}, this client process {client_rss:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

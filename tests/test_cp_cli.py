@@ -1,0 +1,1175 @@
+"""``tether cp`` and ``tether ls`` through the real command line, against the real agent.
+
+Every copy here runs ``python -m tether cp`` as a child process (``tether_cli``
+or :func:`run_cli` when a path is bytes or a working directory matters) against
+a ``tether serve`` child process on loopback (``conftest.py``), and compares
+what arrived byte for byte, with its mode and mtime.
+
+Interruptions need time to happen in: :class:`Proxy` is a small TCP relay on
+127.0.0.1 (an asyncio loop in a thread) put between the CLI and the agent. It
+counts the bytes in each direction (so a resume can be shown to send only what
+was missing) and can hold them to a rate, so a kill lands mid-transfer and a
+progress bar stays on screen long enough to be read. The terminal is a real
+one: a detached tmux session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import blake3
+import pytest
+
+import tether
+from conftest import Agent, Cli, check_clean_log, start_agent
+
+MiB = 1024 * 1024
+CHUNK = MiB  # bytes per data frame (fileio.CHUNK_SIZE): sizes around it matter
+BIG_SIZE = 400_000_000  # bytes: the file the kill tests interrupt
+KILL_AT = 32 * MiB  # bytes in the partial file before the kill
+KILL_RATE = 64e6  # bytes/s through the proxy while waiting to kill: ~6 s for BIG_SIZE
+RESUME_SLACK = MiB  # protocol bytes a resume may add to the missing bytes (headers, hello)
+WAIT = 30.0  # seconds any single wait in these tests may take
+PART = ".tether-part"
+
+pytestmark = pytest.mark.timeout(180)
+
+
+# Helpers ---------------------------------------------------------------------------
+
+PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
+def run_cli(
+    args: Sequence[PathArg],
+    *,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[bytes]:
+    """``python -m tether ARGS`` like ``Cli.run``, but arguments may be bytes (file names)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tether", *(os.fsencode(a) for a in args)],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def spawn_cli(args: Sequence[PathArg], *, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tether", *(os.fsencode(a) for a in args)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def assert_silent_success(proc: subprocess.CompletedProcess[bytes]) -> None:
+    """Exit 0 and not a byte on stdout or stderr: not a terminal, nothing but errors."""
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout == b""
+    assert proc.stderr == b""
+
+
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess[bytes], code: int, *fragments: str
+) -> str:
+    """Exit ``code`` with exactly one line on stderr, ``tether: ...``, naming ``fragments``."""
+    text = proc.stderr.decode(errors="replace")
+    assert proc.returncode == code, (proc.returncode, text)
+    lines = text.splitlines()
+    assert len(lines) == 1, text
+    assert lines[0].startswith("tether: "), text
+    assert "Traceback" not in text
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def write_random(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(left, 4 * MiB))
+            f.write(block)
+            left -= len(block)
+
+
+def digest(path: PathArg) -> str:
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(path, "rb") as f:
+        while block := f.read(16 * MiB):
+            hasher.update(block)
+    result: str = hasher.hexdigest()
+    return result
+
+
+def assert_same_file(copy: Path, original: Path) -> None:
+    """Same bytes, same permission bits, same mtime to the nanosecond."""
+    a, b = os.lstat(copy), os.lstat(original)
+    assert stat.S_ISREG(a.st_mode)
+    assert a.st_size == b.st_size
+    if a.st_size <= 16 * MiB:
+        assert copy.read_bytes() == original.read_bytes()
+    else:
+        assert digest(copy) == digest(original)
+    assert stat.S_IMODE(a.st_mode) == stat.S_IMODE(b.st_mode)
+    assert a.st_mtime_ns == b.st_mtime_ns
+
+
+def partials(*tops: Path) -> list[bytes]:
+    """Every ``*.tether-part`` (or leftover link temp) file below ``tops``."""
+    found = []
+    for top in tops:
+        for directory, dirs, files in os.walk(os.fsencode(top)):
+            for name in dirs + files:
+                if name.endswith(PART.encode()) or name.endswith(b".tether-link"):
+                    found.append(os.path.join(directory, name))
+    return found
+
+
+def size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def unlocked(path: Path) -> bool:
+    """Whether nobody holds the flock a transfer keeps on its partial file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # also drops our lock
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def kill_and_reap(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    if proc.poll() is None:
+        proc.kill()
+    return proc.communicate(timeout=WAIT)
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ~400 MB random file for the kill tests, made once."""
+    path = tmp_path_factory.mktemp("big") / "big"
+    write_random(path, BIG_SIZE)
+    os.utime(path, ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    return path
+
+
+def place(source: Path, dest: Path) -> None:
+    """Put ``source`` at ``dest`` (a hard link when the file system allows)."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+class Proxy:
+    """A TCP relay on 127.0.0.1 to an agent's port: counts bytes, optionally slows them.
+
+    ``rate`` is bytes per second in each direction (None: full speed). The
+    relay runs its own event loop in a thread; leaving the ``with`` block
+    closes every connection and joins the thread.
+    """
+
+    READ = 64 * 1024  # bytes per read: small steps keep the rate smooth
+
+    def __init__(self, target_port: int, rate: float | None = None) -> None:
+        self.target_port = target_port
+        self.rate = rate
+        self.up = 0  # bytes client -> agent
+        self.down = 0  # bytes agent -> client
+        self.connections = 0
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._pumps: set[asyncio.Future[None]] = set()
+        self._thread = threading.Thread(target=self._main, name="test-proxy", daemon=True)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Proxy:
+        self._thread.start()
+        if not self._ready.wait(10) or not self.port:
+            raise RuntimeError("the proxy did not start")
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(15)
+        assert not self._thread.is_alive(), "the proxy thread did not stop"
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            for pump in list(self._pumps):
+                pump.cancel()
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 5)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            agent_reader, agent_writer = await asyncio.open_connection(
+                "127.0.0.1", self.target_port
+            )
+        except OSError:
+            writer.transport.abort()
+            return
+        pumps = {
+            asyncio.ensure_future(self._pump(reader, agent_writer, "up")),
+            asyncio.ensure_future(self._pump(agent_reader, writer, "down")),
+        }
+        self._pumps |= pumps
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            self._pumps -= pumps
+            # Either side gone: cut the other at once, as a dead process would.
+            writer.transport.abort()
+            agent_writer.transport.abort()
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str
+    ) -> None:
+        started = time.monotonic()
+        moved = 0
+        with contextlib.suppress(OSError):
+            while data := await reader.read(self.READ):
+                moved += len(data)
+                if self.rate:
+                    delay = started + moved / self.rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+                if direction == "up":
+                    self.up += len(data)
+                else:
+                    self.down += len(data)
+
+
+# 1. HOST:PATH parsing and usage errors -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "path"),
+    [
+        ("web1:file.txt", "web1", "file.txt"),
+        ("web1:/srv/releases/", "web1", "/srv/releases/"),
+        ("web1:7447:dir/file", "web1:7447", "dir/file"),
+        ("127.0.0.1:7448:x", "127.0.0.1:7448", "x"),
+        ("[::1]:7447:path/x", "[::1]:7447", "path/x"),
+        ("[::1]:path", "[::1]", "path"),
+        ("unix:/run/tether.sock:path/x", "unix:/run/tether.sock", "path/x"),
+        ("web1:", "web1", "."),
+        ("web1:7447:", "web1:7447", "."),
+        ("[::1]:7447:", "[::1]:7447", "."),
+        ("unix:/s.sock:", "unix:/s.sock", "."),
+        ("web1:a:b:c", "web1", "a:b:c"),  # not digits: part of the path
+        ("web1:12ab:x", "web1", "12ab:x"),
+    ],
+)
+def test_parse_remote_path(text: str, host: str, path: str) -> None:
+    assert tether.parse_remote_path(text) == tether.RemotePath(host, path)
+
+
+@pytest.mark.parametrize("text", ["./a:b", "/x:y", "dir/a:b", "plain", "file.txt", ""])
+def test_parse_remote_path_local(text: str) -> None:
+    assert tether.parse_remote_path(text) is None
+
+
+@pytest.mark.parametrize(
+    "text", ["[::1", "[::1]x", "[::1]", "unix:/sock", "web1:99999:x", "web1:0:x"]
+)
+def test_parse_remote_path_malformed(text: str) -> None:
+    with pytest.raises(tether.UsageError):
+        tether.parse_remote_path(text)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["cp", "a", "b"], "exactly one"),
+        (["cp", "./a:b", "/tmp/c:d"], "exactly one"),
+        (["cp", "h1:a", "h2:b"], "exactly one"),
+        (["cp", "[::1:x", "y"], "[::1:x"),
+        (["cp", "y", "web1:99999:x"], "port"),
+        (["ls", "/some/local/path"], ""),
+    ],
+    ids=["both-local", "both-local-colons", "both-remote", "bad-bracket", "bad-port", "ls-local"],
+)
+def test_cp_and_ls_usage_errors_exit_2(
+    tether_cli: type[Cli], args: list[str], fragment: str
+) -> None:
+    env = {**os.environ, "TETHER_TOKEN": "x" * 43}
+    proc = tether_cli.run(args, env=env)
+    assert_one_line_error(proc, 2, fragment)
+
+
+def test_cp_without_arguments_is_a_usage_error(tether_cli: type[Cli]) -> None:
+    proc = tether_cli.run(["cp", "only-one"])
+    assert proc.returncode == 2
+    assert b"Usage" in proc.stderr
+
+
+# 2. Single files both ways -----------------------------------------------------------
+
+
+def make_source(directory: Path, name: str, size: int, mode: int, mtime_ns: int) -> Path:
+    path = directory / name
+    write_random(path, size)
+    path.chmod(mode)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path
+
+
+@pytest.mark.parametrize("flags", [[], ["-q"]], ids=["default", "quiet"])
+def test_cp_put_file_scp_style(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path, flags: list[str]
+) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    sources = [
+        make_source(local, "empty", 0, 0o600, 1_600_000_000_000_000_001),
+        make_source(local, "one", 1, 0o640, 1_600_000_000_000_000_002),
+        make_source(local, "chunk+1.bin", CHUNK + 1, 0o755, 1_600_000_000_000_000_003),
+    ]
+    (agent.root / "dir").mkdir()
+    (agent.root / "newname").write_bytes(b"old content, replaced")
+    cases = [
+        (sources[0], f"{agent.host}:", agent.root / "empty"),
+        (sources[1], f"{agent.host}:dir/", agent.root / "dir" / "one"),
+        (sources[1], f"{agent.host}:dir", agent.root / "dir" / "one"),
+        (sources[2], f"{agent.host}:newname", agent.root / "newname"),
+        (sources[2], f"{agent.unix}:dir/renamed", agent.root / "dir" / "renamed"),
+        (sources[0], f"{agent.host}:{agent.root}/dir/absolute", agent.root / "dir" / "absolute"),
+    ]
+    for source, dest, arrived in cases:
+        assert_silent_success(tether_cli.run(["cp", *flags, str(source), dest], env=agent.env))
+        assert_same_file(arrived, source)
+    assert partials(agent.root, local) == []
+
+
+@pytest.mark.parametrize("flags", [[], ["-q"]], ids=["default", "quiet"])
+def test_cp_get_file_scp_style(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path, flags: list[str]
+) -> None:
+    (agent.root / "sub").mkdir()
+    remote = [
+        make_source(agent.root, "empty", 0, 0o600, 1_600_000_000_000_000_011),
+        make_source(agent.root / "sub", "one", 1, 0o444, 1_600_000_000_000_000_012),
+        make_source(agent.root, "chunk+1.bin", CHUNK + 1, 0o750, 1_600_000_000_000_000_013),
+    ]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "existing").write_bytes(b"old content, replaced")
+    cases = [
+        (f"{agent.host}:empty", out, out / "empty"),
+        (f"{agent.host}:sub/one", f"{out}/", out / "one"),
+        (f"{agent.host}:chunk+1.bin", out / "existing", out / "existing"),
+        (f"{agent.unix}:chunk+1.bin", out / "renamed", out / "renamed"),
+        (f"{agent.host}:{agent.root}/sub/one", out / "absolute", out / "absolute"),
+    ]
+    for (source, dest, arrived), original in zip(
+        cases, [remote[0], remote[1], remote[2], remote[2], remote[1]], strict=True
+    ):
+        assert_silent_success(tether_cli.run(["cp", *flags, source, str(dest)], env=agent.env))
+        assert_same_file(arrived, original)
+    # A relative destination is relative to where the CLI runs.
+    assert_silent_success(
+        run_cli(["cp", *flags, f"{agent.host}:sub/one", "."], env=agent.env, cwd=tmp_path)
+    )
+    assert_same_file(tmp_path / "one", remote[1])
+    assert partials(agent.root, tmp_path) == []
+
+
+def test_cp_non_utf8_file_name_both_ways(agent: Agent, tmp_path: Path) -> None:
+    name = b"caf\xe9-latin1.txt"  # Latin-1, not UTF-8
+    local = os.path.join(os.fsencode(tmp_path), name)
+    with open(local, "wb") as f:
+        f.write(b"bytes of a file whose name is not UTF-8\n")
+    host = agent.host.encode()
+    assert_silent_success(run_cli(["cp", local, host + b":"], env=agent.env))
+    arrived = os.path.join(os.fsencode(agent.root), name)
+    assert_same_file(Path(os.fsdecode(arrived)), Path(os.fsdecode(local)))
+    back = tmp_path / "back"
+    back.mkdir()
+    assert_silent_success(run_cli(["cp", host + b":" + name, back], env=agent.env))
+    assert os.listdir(os.fsencode(back)) == [name]
+    got = os.path.join(os.fsencode(back), name)
+    assert_same_file(Path(os.fsdecode(got)), Path(os.fsdecode(arrived)))
+
+
+def test_cp_put_to_missing_directory_with_trailing_slash_fails(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    """``DEST/`` names a directory (cp, scp): if there is none, that is an error.
+
+    Otherwise a typo in a directory name silently makes a file of that name.
+    """
+    source = tmp_path / "f"
+    source.write_bytes(b"data")
+    proc = tether_cli.run(["cp", str(source), f"{agent.host}:nodir/"], env=agent.env)
+    assert_one_line_error(proc, 1, "nodir")
+    assert not (agent.root / "nodir").exists()
+    assert partials(agent.root) == []
+
+
+def test_cp_resume_restarts_with_a_warning_when_the_partial_does_not_match(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    """A partial file that is not a prefix of the source: copied from 0, and said so."""
+    source = make_source(tmp_path, "f.bin", 3 * CHUNK + 5, 0o640, 1_600_000_000_000_000_021)
+    (agent.root / f".f.bin{PART}").write_bytes(b"not the start of f.bin" * 1000)
+    proc = tether_cli.run(["cp", "--resume", str(source), f"{agent.host}:"], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b""
+    lines = proc.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tether: warning: "), lines
+    assert "f.bin" in lines[0]
+    assert_same_file(agent.root / "f.bin", source)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".f.bin{PART}").write_bytes(b"also not the start" * 1000)
+    proc = tether_cli.run(["cp", "--resume", f"{agent.host}:f.bin", str(out)], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tether: warning: "), lines
+    assert_same_file(out / "f.bin", source)
+    # With nothing to resume from, --resume is an ordinary, silent copy.
+    assert_silent_success(
+        tether_cli.run(["cp", "--resume", str(source), f"{agent.host}:g.bin"], env=agent.env)
+    )
+    assert_same_file(agent.root / "g.bin", source)
+    assert partials(agent.root, tmp_path) == []
+
+
+# 3. Trees --------------------------------------------------------------------------
+
+TREE_FILES: dict[bytes, tuple[bytes, int]] = {
+    b"empty.txt": (b"", 0o644),
+    b"one byte": (b"x", 0o600),
+    b"with space/file one.txt": (b"spaces in names\n", 0o640),
+    "ünïcødé/日本語 テキスト.txt".encode(): ("non-ASCII ✓\n".encode(), 0o644),
+    b"bad\xffname": (b"a name that is not UTF-8\n", 0o644),
+    b"bad\xfedir/inner": (b"inside a directory that is not UTF-8\n", 0o600),
+    b"sub/deeper/exec.sh": (b"#!/bin/sh\necho hi\n", 0o755),
+    b"sub/deeper/readonly": (b"read only\n", 0o444),
+    b"readonly-dir/inside": (b"in a read-only directory\n", 0o640),
+}
+TREE_DIRS: dict[bytes, int] = {  # beyond the parents of the files above
+    b"empty": 0o755,
+    b"empty/nested empty": 0o700,
+    b"readonly-dir": 0o555,
+    b"sub": 0o750,
+}
+TREE_LINKS: dict[bytes, bytes] = {
+    b"link-to-file": b"with space/file one.txt",
+    b"link-to-dir": b"sub/deeper",
+    b"dangling": b"no/such/thing",
+    b"absolute-out": b"/etc/passwd",
+    b"climbs-out": b"../../../outside",
+    "ünïcødé/up".encode(): b"../bad\xffname",
+}
+BIG_TREE_FILE = b"sub/chunk+1.bin"
+
+
+def make_tree(top: Path) -> None:
+    """A tree with every case of the issue's item 6, with set modes and mtimes."""
+    base = os.fsencode(top)
+    os.mkdir(base)
+    for rel in TREE_DIRS:
+        os.makedirs(os.path.join(base, rel), exist_ok=True)
+    for rel, (data, _) in TREE_FILES.items():
+        path = os.path.join(base, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    write_random(Path(os.fsdecode(os.path.join(base, BIG_TREE_FILE))), CHUNK + 1)
+    for rel, target in TREE_LINKS.items():
+        os.symlink(target, os.path.join(base, rel))
+    stamp = itertools.count(1_500_000_000_000_000_007, 1_000_003_001)
+    for rel, (_, mode) in TREE_FILES.items():
+        path = os.path.join(base, rel)
+        os.chmod(path, mode)
+        os.utime(path, ns=(next(stamp), next(stamp)))
+    os.utime(os.path.join(base, BIG_TREE_FILE), ns=(next(stamp), next(stamp)))
+    # Directories last, deepest first: creating entries moves their mtime.
+    dirs = [directory for directory, _, _ in os.walk(base)]
+    for directory in sorted(dirs, key=lambda d: d.count(b"/"), reverse=True):
+        rel = os.path.relpath(directory, base)
+        os.chmod(directory, TREE_DIRS.get(rel, 0o750 if rel == b"." else 0o755))
+        os.utime(directory, ns=(next(stamp), next(stamp)))
+
+
+def snapshot(top: Path) -> dict[bytes, tuple[object, ...]]:
+    """Every entry below ``top`` by relative bytes path: type, mode, mtime, content."""
+    result: dict[bytes, tuple[object, ...]] = {}
+
+    def visit(path: bytes, rel: bytes) -> None:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            result[rel] = ("link", os.readlink(path))
+        elif stat.S_ISDIR(st.st_mode):
+            result[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+            for name in sorted(os.listdir(path)):
+                visit(os.path.join(path, name), os.path.join(rel, name))
+        elif stat.S_ISREG(st.st_mode):
+            result[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, digest(path))
+        else:
+            result[rel] = ("other", st.st_mode)
+
+    visit(os.fsencode(top), b".")
+    return result
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    top = tmp_path / "tree"
+    make_tree(top)
+    return top
+
+
+def test_tree_fixture_has_every_case(tree: Path) -> None:
+    """The comparison below would prove little on a tree missing a case."""
+    snap = snapshot(tree)
+    kinds = [entry[0] for entry in snap.values()]
+    assert kinds.count("link") == len(TREE_LINKS)
+    assert snap[b"./empty/nested empty"][0] == "dir"
+    assert snap[b"./readonly-dir"][1] == 0o555
+    assert any(b"\xff" in rel for rel in snap)
+    assert any("日本語".encode() in rel for rel in snap)
+
+
+def test_cp_r_put_then_get_reproduces_the_tree(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path, tree: Path
+) -> None:
+    original = snapshot(tree)
+    # Into the root (an existing directory): arrives as root/tree.
+    assert_silent_success(tether_cli.run(["cp", "-r", str(tree), f"{agent.host}:"], env=agent.env))
+    assert snapshot(agent.root / "tree") == original
+    # To a new name.
+    assert_silent_success(
+        tether_cli.run(["cp", "-r", "-q", str(tree), f"{agent.host}:copy"], env=agent.env)
+    )
+    assert snapshot(agent.root / "copy") == original
+    # And back: into an existing local directory, and to a new name.
+    back = tmp_path / "back"
+    back.mkdir()
+    assert_silent_success(
+        tether_cli.run(["cp", "-r", f"{agent.host}:tree", str(back)], env=agent.env)
+    )
+    assert snapshot(back / "tree") == original
+    assert_silent_success(
+        tether_cli.run(
+            ["cp", "-r", "-q", f"{agent.host}:copy", str(tmp_path / "new")], env=agent.env
+        )
+    )
+    assert snapshot(tmp_path / "new") == original
+    assert partials(agent.root, tmp_path) == []
+    # Links were copied as links, never followed: nothing appeared outside.
+    assert sorted(p.name for p in agent.root.parent.iterdir()) == sorted(
+        ["root", "state", "agent.log", "agent.sock"]
+    )
+
+
+def test_cp_directory_without_r_is_refused(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path, tree: Path
+) -> None:
+    proc = tether_cli.run(["cp", str(tree), f"{agent.host}:"], env=agent.env)
+    assert_one_line_error(proc, 1, "use -r")
+    assert not (agent.root / "tree").exists()
+    (agent.root / "rdir").mkdir()
+    (agent.root / "rdir" / "f").write_bytes(b"x")
+    proc = tether_cli.run(["cp", f"{agent.host}:rdir", str(tmp_path / "out")], env=agent.env)
+    assert_one_line_error(proc, 1, "use -r")
+    assert not (tmp_path / "out").exists()
+
+
+# 4. ls -----------------------------------------------------------------------------
+
+LS_LINE = re.compile(rb"^(?P<mode>[-dlpscb][-rwxsStT]{9}) +(?P<size>\d+) \S+ \S+ (?P<name>.*)$")
+
+
+def make_listing(directory: Path) -> None:
+    directory.mkdir()
+    (directory / "a.txt").write_bytes(b"hello")
+    (directory / "a.txt").chmod(0o640)
+    (directory / "sub").mkdir(mode=0o750)
+    (directory / "sub").chmod(0o750)
+    (directory / "exec").write_bytes(b"#!/bin/sh\n")
+    (directory / "exec").chmod(0o755)
+    (directory / "sp ace é").write_bytes(b"12345678")
+    (directory / "ln").symlink_to("a.txt")
+    os.utime(directory / "a.txt", ns=(1_600_000_000_111_222_333, 1_600_000_000_111_222_333))
+
+
+def test_ls_prints_one_line_per_entry(agent: Agent, tether_cli: type[Cli]) -> None:
+    make_listing(agent.root / "d")
+    proc = tether_cli.run(["ls", f"{agent.host}:d"], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""
+    lines = proc.stdout.splitlines()
+    names = sorted(os.listdir(agent.root / "d"))
+    assert len(lines) == len(names)
+    seen = {}
+    for line in lines:
+        match = LS_LINE.match(line)
+        assert match, line
+        seen[match["name"].decode()] = (match["mode"].decode(), int(match["size"]))
+    for name in names:
+        st = os.lstat(agent.root / "d" / name)
+        shown = f"{name} -> {os.readlink(agent.root / 'd' / name)}" if name == "ln" else name
+        assert seen[shown] == (stat.filemode(st.st_mode), st.st_size), name
+    assert seen["ln -> a.txt"][0].startswith("l")
+    assert seen["sub"][0] == "drwxr-x---"
+    assert seen["a.txt"] == ("-rw-r-----", 5)
+
+
+def test_ls_json_is_a_list_of_objects(agent: Agent, tether_cli: type[Cli]) -> None:
+    make_listing(agent.root / "d")
+    proc = tether_cli.run(["ls", "--json", f"{agent.unix}:d"], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert isinstance(rows, list)
+    assert sorted(row["name"] for row in rows) == sorted(os.listdir(agent.root / "d"))
+    types = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "link"}
+    for row in rows:
+        assert {"name", "type", "size", "mode", "mtime_ns"} <= row.keys()
+        st = os.lstat(agent.root / "d" / row["name"])
+        assert row["type"] == types[stat.S_IFMT(st.st_mode)]
+        assert row["size"] == st.st_size
+        assert row["mode"] == stat.S_IMODE(st.st_mode)
+        assert row["mtime_ns"] == st.st_mtime_ns
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["a.txt"]["mtime_ns"] == 1_600_000_000_111_222_333
+    assert by_name["ln"]["target"] == "a.txt"
+
+
+def test_ls_of_a_file_shows_that_entry(agent: Agent, tether_cli: type[Cli]) -> None:
+    make_listing(agent.root / "d")
+    proc = tether_cli.run(["ls", f"{agent.host}:d/a.txt"], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1
+    match = LS_LINE.match(lines[0])
+    assert match
+    assert (match["mode"], int(match["size"]), match["name"]) == (b"-rw-r-----", 5, b"a.txt")
+    proc = tether_cli.run(["ls", "--json", f"{agent.host}:d/a.txt"], env=agent.env)
+    rows = json.loads(proc.stdout)
+    assert [(r["name"], r["type"], r["size"], r["mode"]) for r in rows] == [
+        ("a.txt", "file", 5, 0o640)
+    ]
+
+
+def test_ls_of_the_root_and_of_many_entries(agent: Agent, tether_cli: type[Cli]) -> None:
+    many = agent.root / "many"
+    many.mkdir()
+    for i in range(1100):  # more than one entries frame (512 per frame)
+        (many / f"f{i:04d}").touch()
+    proc = tether_cli.run(["ls", f"{agent.host}:"], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    assert [LS_LINE.match(line)["name"] for line in proc.stdout.splitlines()] == [b"many"]  # type: ignore[index]
+    proc = tether_cli.run(["ls", "--json", f"{agent.host}:many"], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    assert [row["name"] for row in json.loads(proc.stdout)] == [f"f{i:04d}" for i in range(1100)]
+
+
+def test_ls_of_a_link_with_a_trailing_slash_lists_its_directory(
+    agent: Agent, tether_cli: type[Cli]
+) -> None:
+    """``ls LINK/`` lists the directory LINK points to, as ls(1) and POSIX path resolution do.
+
+    A link out of the root is then refused; never a line without a name.
+    """
+    make_listing(agent.root / "d")
+    (agent.root / "to-d").symlink_to("d")
+    (agent.root / "up-link").symlink_to("..")
+    proc = tether_cli.run(["ls", f"{agent.host}:to-d/"], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    names = [LS_LINE.match(line)["name"] for line in proc.stdout.splitlines()]  # type: ignore[index]
+    assert names == [b"a.txt", b"exec", b"ln -> a.txt", "sp ace é".encode(), b"sub"]
+    proc = tether_cli.run(["ls", f"{agent.host}:up-link/"], env=agent.env)
+    assert_one_line_error(proc, 1, "outside")
+
+
+def test_ls_missing_path_is_one_line_error(agent: Agent, tether_cli: type[Cli]) -> None:
+    proc = tether_cli.run(["ls", f"{agent.host}:no/such"], env=agent.env)
+    assert_one_line_error(proc, 1, "no/such")
+    proc = tether_cli.run(["ls", "--json", f"{agent.host}:../"], env=agent.env)
+    assert_one_line_error(proc, 1, "outside")
+
+
+def make_non_utf8_listing(directory: Path) -> bytes:
+    directory.mkdir()
+    name = b"bad\xffname"
+    with open(os.path.join(os.fsencode(directory), name), "wb") as f:
+        f.write(b"abc")
+    (directory / "good").write_bytes(b"")
+    return name
+
+
+def test_ls_json_with_a_non_utf8_name_is_valid_json(agent: Agent, tether_cli: type[Cli]) -> None:
+    """JSON is UTF-8 (RFC 8259): a name that is not must come out escaped, not raw."""
+    name = make_non_utf8_listing(agent.root / "d")
+    proc = tether_cli.run(["ls", "--json", f"{agent.host}:d"], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    proc.stdout.decode("utf-8")  # strict: raises on a raw 0xff byte
+    rows = json.loads(proc.stdout)
+    assert sorted(os.fsencode(row["name"]) for row in rows) == [name, b"good"]
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_ls_non_utf8_name_under_a_strict_utf8_stdout(
+    agent: Agent, tether_cli: type[Cli], as_json: bool
+) -> None:
+    """Listing works where stdout is strict UTF-8 (a real en_US.UTF-8 locale).
+
+    Here the locale is C.UTF-8, where Python's stdout happens to tolerate
+    surrogates; PYTHONIOENCODING gives the strict encoder of most desktops.
+    """
+    make_non_utf8_listing(agent.root / "d")
+    env = {**agent.env, "PYTHONIOENCODING": "utf-8:strict"}
+    args = ["ls", f"{agent.host}:d"] + (["--json"] if as_json else [])
+    proc = tether_cli.run(args, env=env)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert b"Traceback" not in proc.stderr
+    assert len(proc.stdout.splitlines()) == (1 if as_json else 2)
+    assert b"bad" in proc.stdout
+
+
+# 5. Failures: one line, exit 1, no partial file ---------------------------------------
+
+
+def test_cp_not_found(agent: Agent, tether_cli: type[Cli], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = tether_cli.run(["cp", f"{agent.host}:missing.txt", str(out)], env=agent.env)
+    assert_one_line_error(proc, 1, "missing.txt")
+    assert not out.exists()
+    source = tmp_path / "f"
+    source.write_bytes(b"data")
+    proc = tether_cli.run(["cp", str(source), f"{agent.host}:no/such/dir/f"], env=agent.env)
+    assert_one_line_error(proc, 1, "no/such/dir/f")
+    assert list(agent.root.iterdir()) == []
+    assert partials(agent.root, tmp_path) == []
+
+
+def test_cp_local_source_not_found(agent: Agent, tether_cli: type[Cli], tmp_path: Path) -> None:
+    missing = tmp_path / "missing.txt"
+    proc = tether_cli.run(["cp", str(missing), f"{agent.host}:x"], env=agent.env)
+    assert_one_line_error(proc, 1, "missing.txt")
+    proc = tether_cli.run(["cp", "-r", str(missing), f"{agent.host}:x"], env=agent.env)
+    assert_one_line_error(proc, 1, "missing.txt")
+    assert list(agent.root.iterdir()) == []
+
+
+def test_cp_path_escapes_are_refused(agent: Agent, tether_cli: type[Cli], tmp_path: Path) -> None:
+    source = tmp_path / "f"
+    source.write_bytes(b"data")
+    (agent.root / "out-link").symlink_to("/etc/passwd")
+    (agent.root / "up-link").symlink_to("..")
+    outside_before = sorted(p.name for p in agent.root.parent.iterdir())
+    attempts = [
+        ["cp", str(source), f"{agent.host}:../x"],
+        ["cp", str(source), f"{agent.host}:sub/../../x"],
+        ["cp", str(source), f"{agent.host}:/tmp/tether-escape-{os.getpid()}"],
+        ["cp", str(source), f"{agent.host}:up-link/x"],
+        ["cp", "-r", str(tmp_path), f"{agent.host}:../tree"],
+        ["cp", f"{agent.host}:../agent.log", str(tmp_path / "got")],
+        ["cp", f"{agent.host}:/etc/passwd", str(tmp_path / "got")],
+        ["cp", f"{agent.host}:out-link", str(tmp_path / "got")],
+        ["cp", "-r", f"{agent.host}:..", str(tmp_path / "got")],
+        ["ls", f"{agent.host}:up-link/agent.log"],
+    ]
+    for args in attempts:
+        proc = tether_cli.run(args, env=agent.env)
+        assert_one_line_error(proc, 1, "outside")
+    assert sorted(p.name for p in agent.root.parent.iterdir()) == outside_before
+    assert not Path(f"/tmp/tether-escape-{os.getpid()}").exists()
+    assert not (tmp_path / "got").exists()
+    assert partials(agent.root, tmp_path) == []
+
+
+def test_cp_directory_where_a_file_is_expected(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    source = tmp_path / "f"
+    source.write_bytes(b"data")
+    # Put: DEST/f exists and is a directory.
+    (agent.root / "d" / "f").mkdir(parents=True)
+    proc = tether_cli.run(["cp", str(source), f"{agent.host}:d/"], env=agent.env)
+    assert_one_line_error(proc, 1, "directory")
+    assert (agent.root / "d" / "f").is_dir()
+    assert list((agent.root / "d" / "f").iterdir()) == []
+    # Get: the same on the local side.
+    (agent.root / "g").write_bytes(b"remote")
+    out = tmp_path / "out"
+    (out / "g").mkdir(parents=True)
+    proc = tether_cli.run(["cp", f"{agent.host}:g", str(out)], env=agent.env)
+    assert_one_line_error(proc, 1, "directory")
+    assert list((out / "g").iterdir()) == []
+    # A regular file where a directory is needed.
+    proc = tether_cli.run(["cp", str(source), f"{agent.host}:g/x"], env=agent.env)
+    assert_one_line_error(proc, 1, "g/x")
+    assert (agent.root / "g").read_bytes() == b"remote"
+    (agent.root / "t").mkdir()
+    proc = tether_cli.run(["cp", "-r", f"{agent.host}:t", str(source)], env=agent.env)
+    assert_one_line_error(proc, 1, "not a directory")
+    assert source.read_bytes() == b"data"
+    assert partials(agent.root, tmp_path) == []
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted on ``directory`` (needs root: skip otherwise)."""
+    directory.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)],
+        capture_output=True,
+        timeout=30,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.decode(errors='replace').strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], capture_output=True, timeout=30, check=True)
+
+
+def test_cp_disk_full_on_the_agent(agent: Agent, tether_cli: type[Cli], tmp_path: Path) -> None:
+    source = tmp_path / "three-mb"
+    write_random(source, 3_000_000)
+    with small_tmpfs(agent.root / "small") as small:
+        (small / "kept").write_bytes(b"existing destination")
+        proc = tether_cli.run(["cp", str(source), f"{agent.host}:small/"], env=agent.env)
+        assert_one_line_error(proc, 1, "No space left")
+        proc = tether_cli.run(["cp", str(source), f"{agent.host}:small/kept"], env=agent.env)
+        assert_one_line_error(proc, 1, "No space left")
+        assert sorted(os.listdir(small)) == ["kept"]
+        assert (small / "kept").read_bytes() == b"existing destination"
+
+
+def test_cp_disk_full_locally(agent: Agent, tether_cli: type[Cli], tmp_path: Path) -> None:
+    write_random(agent.root / "three-mb", 3_000_000)
+    with small_tmpfs(tmp_path / "small") as small:
+        (small / "kept").write_bytes(b"existing destination")
+        proc = tether_cli.run(["cp", f"{agent.host}:three-mb", str(small)], env=agent.env)
+        assert_one_line_error(proc, 1, "No space left")
+        proc = tether_cli.run(["cp", f"{agent.host}:three-mb", str(small / "kept")], env=agent.env)
+        assert_one_line_error(proc, 1, "No space left")
+        assert sorted(os.listdir(small)) == ["kept"]
+        assert (small / "kept").read_bytes() == b"existing destination"
+
+
+def test_cp_and_ls_with_the_server_down_exit_255(tether_cli: type[Cli], tmp_path: Path) -> None:
+    source = tmp_path / "f"
+    source.write_bytes(b"data")
+    host = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "TETHER_TOKEN": "x" * 43}
+    for args in (
+        ["cp", str(source), f"{host}:x"],
+        ["cp", f"{host}:x", str(tmp_path / "out")],
+        ["ls", f"{host}:"],
+    ):
+        assert_one_line_error(tether_cli.run(args, env=env), 255, host)
+    assert not (tmp_path / "out").exists()
+    assert partials(tmp_path) == []
+
+
+# 6. Kill the CLI mid-transfer, then --resume ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_cli_mid_put_then_resume(agent: Agent, big_file: Path) -> None:
+    dest = agent.root / "big"
+    part = agent.root / f".big{PART}"
+    with Proxy(agent.port, rate=KILL_RATE) as slow:
+        proc = spawn_cli(["cp", big_file, f"{slow.host}:big"], env=agent.env)
+        try:
+            wait_for(lambda: size_of(part) >= KILL_AT or proc.poll() is not None, "the partial")
+            assert proc.poll() is None, "the put ended before it could be interrupted"
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            kill_and_reap(proc)
+    assert proc.returncode == -signal.SIGKILL
+    wait_for(lambda: part.exists() and unlocked(part), "the agent to let go of the partial")
+    have = size_of(part)
+    assert 0 < have < BIG_SIZE
+    assert not dest.exists()
+    with Proxy(agent.port) as counted:
+        done = run_cli(["cp", "--resume", big_file, f"{counted.host}:big"], env=agent.env)
+    assert_silent_success(done)
+    assert_same_file(dest, big_file)
+    assert not part.exists()
+    # Only the missing bytes travelled.
+    assert BIG_SIZE - have <= counted.up <= BIG_SIZE - have + RESUME_SLACK
+
+
+@pytest.mark.slow
+def test_kill_cli_mid_get_then_resume(agent: Agent, big_file: Path, tmp_path: Path) -> None:
+    place(big_file, agent.root / "big")
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = out / "big"
+    part = out / f".big{PART}"
+    with Proxy(agent.port, rate=KILL_RATE) as slow:
+        proc = spawn_cli(["cp", f"{slow.host}:big", out], env=agent.env)
+        try:
+            wait_for(lambda: size_of(part) >= KILL_AT or proc.poll() is not None, "the partial")
+            assert proc.poll() is None, "the get ended before it could be interrupted"
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            kill_and_reap(proc)
+    assert proc.returncode == -signal.SIGKILL
+    have = size_of(part)
+    assert 0 < have < BIG_SIZE
+    assert not dest.exists()
+    with Proxy(agent.port) as counted:
+        done = run_cli(["cp", "--resume", f"{counted.host}:big", out], env=agent.env)
+    assert_silent_success(done)
+    assert_same_file(dest, big_file)
+    assert partials(out) == []
+    assert BIG_SIZE - have <= counted.down <= BIG_SIZE - have + RESUME_SLACK
+
+
+# 7. Progress bars on a terminal ---------------------------------------------------------
+
+
+class Tmux:
+    """A private tmux server (its own socket) with one detached 200x20 session."""
+
+    def __init__(self, tmux: str, socket_path: Path) -> None:
+        self.tmux = tmux
+        self.socket = str(socket_path)
+
+    def _cmd(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [self.tmux, "-S", self.socket, "-f", "/dev/null", *args],
+            capture_output=True,
+            timeout=15,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def start(self, script: Path) -> None:
+        proc = self._cmd("new-session", "-d", "-s", "t", "-x", "200", "-y", "20", f"sh {script}")
+        assert proc.returncode == 0, proc.stderr
+
+    def capture(self) -> str:
+        proc = self._cmd("capture-pane", "-p", "-t", "t")
+        return proc.stdout.decode(errors="replace")
+
+    def kill(self) -> None:
+        self._cmd("kill-server")
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    path = shutil.which("tmux")
+    if path is None:
+        pytest.skip("tmux is not installed")
+    session = Tmux(path, tmp_path / "tmux.sock")
+    try:
+        yield session
+    finally:
+        session.kill()
+
+
+def run_in_terminal(
+    tmux: Tmux, agent: Agent, tmp_path: Path, args: Sequence[str]
+) -> tuple[list[str], str]:
+    """Run ``tether ARGS`` in the tmux pane; every screen seen before it ended, and the last."""
+    script = tmp_path / "run.sh"
+    command = " ".join(_sh_quote(a) for a in [sys.executable, "-m", "tether", *args])
+    script.write_text(
+        f"TETHER_TOKEN={_sh_quote(agent.token)}\nexport TETHER_TOKEN\n"
+        f"{command}\necho tether-exit=$?\nexec sleep 120\n"
+    )
+    tmux.start(script)
+    screens: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        screen = tmux.capture()
+        if "tether-exit=" in screen:
+            return screens, screen
+        screens.append(screen)
+        time.sleep(0.1)
+    raise AssertionError(f"tether cp did not end in the terminal:\n{tmux.capture()}")
+
+
+def _sh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+PROGRESS = re.compile(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?) MB")
+
+
+@pytest.mark.slow
+def test_progress_bar_on_a_terminal(agent: Agent, tmux: Tmux, tmp_path: Path) -> None:
+    source = tmp_path / "progress-demo.bin"
+    write_random(source, 32 * MiB)
+    with Proxy(agent.port, rate=16e6) as slow:  # ~2 s
+        during, final = run_in_terminal(
+            tmux, agent, tmp_path, ["cp", str(source), f"{slow.host}:copy.bin"]
+        )
+    assert "tether-exit=0" in final, final
+    assert_same_file(agent.root / "copy.bin", source)
+    # Mid-way: the name, a partial byte count and a rate.
+    midway = [
+        s
+        for s in during
+        if "progress-demo.bin" in s
+        and "/s" in s
+        and (m := PROGRESS.search(s))
+        and float(m[1]) < float(m[2])
+    ]
+    assert midway, "\n---\n".join(during[-5:])
+    # At the end: the whole file.
+    assert "progress-demo.bin" in final
+    total = f"{32 * MiB / 1e6:.1f}"
+    assert f"{total}/{total} MB" in final, final
+
+
+@pytest.mark.slow
+def test_progress_bars_for_a_tree_show_each_file_and_a_total(
+    agent: Agent, tmux: Tmux, tmp_path: Path
+) -> None:
+    top = tmp_path / "bars"
+    top.mkdir()
+    write_random(top / "first.bin", 12 * MiB)
+    write_random(top / "second.bin", 12 * MiB)
+    with Proxy(agent.port, rate=16e6) as slow:
+        during, final = run_in_terminal(
+            tmux, agent, tmp_path, ["cp", "-r", str(top), f"{slow.host}:bars"]
+        )
+    assert "tether-exit=0" in final, final
+    assert snapshot(agent.root / "bars") == snapshot(top)
+    assert "first.bin" in final and "second.bin" in final
+    assert re.search(r"total\b.*MB", final), final
+    assert any("first.bin" in s and "/s" in s for s in during)
+
+
+@pytest.mark.slow
+def test_no_progress_bar_with_q_on_a_terminal(agent: Agent, tmux: Tmux, tmp_path: Path) -> None:
+    source = tmp_path / "quiet-demo.bin"
+    write_random(source, 24 * MiB)
+    with Proxy(agent.port, rate=16e6) as slow:
+        during, final = run_in_terminal(
+            tmux, agent, tmp_path, ["cp", "-q", str(source), f"{slow.host}:copy.bin"]
+        )
+    assert_same_file(agent.root / "copy.bin", source)
+    assert len(during) >= 3, "the copy was too quick to watch"
+    for screen in [*during, final]:
+        assert "quiet-demo" not in screen
+        assert "MB" not in screen
+    assert [line for line in final.splitlines() if line.strip()] == ["tether-exit=0"]
+
+
+# 8. Kill the agent mid-put ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_agent_mid_put_then_resume_on_a_new_agent(big_file: Path, tmp_path: Path) -> None:
+    first = start_agent(tmp_path, name="victim")
+    dest = first.root / "big"
+    part = first.root / f".big{PART}"
+    try:
+        with Proxy(first.port, rate=KILL_RATE) as slow:
+            proc = spawn_cli(["cp", big_file, f"{slow.host}:big"], env=first.env)
+            try:
+                wait_for(lambda: size_of(part) >= KILL_AT or proc.poll() is not None, "partial")
+                assert proc.poll() is None, "the put ended before it could be interrupted"
+                first.proc.kill()
+                first.proc.wait(WAIT)
+                _, stderr = proc.communicate(timeout=WAIT)
+            finally:
+                kill_and_reap(proc)
+    finally:
+        first.stop(signal.SIGKILL)
+    # A cut connection: tether's own failure (255) or a failed transfer (1), never 0.
+    assert proc.returncode in (1, 255), stderr
+    assert_one_line_error(
+        subprocess.CompletedProcess(proc.args, proc.returncode, b"", stderr), proc.returncode
+    )
+    assert not dest.exists()
+    have = size_of(part)
+    assert 0 < have < BIG_SIZE
+
+    second = start_agent(tmp_path, name="victim")  # same root, same token
+    try:
+        assert second.root == first.root
+        with Proxy(second.port) as counted:
+            done = run_cli(["cp", "--resume", big_file, f"{counted.host}:big"], env=second.env)
+        assert_silent_success(done)
+        assert_same_file(dest, big_file)
+        assert not part.exists()
+        assert BIG_SIZE - have <= counted.up <= BIG_SIZE - have + RESUME_SLACK
+    finally:
+        second.stop()
+        check_clean_log(second)
