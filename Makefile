@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install test lint typecheck pytest demo bench bench-transfer clean
+.PHONY: install system-deps test lint typecheck pytest demo bench bench-transfer clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,7 +20,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy --strict src
 
-pytest: install
+# Tools the tests drive as a user would (tmux for terminal progress bars).
+system-deps:
+	@command -v tmux >/dev/null 2>&1 || { \
+		echo "installing tmux for the terminal tests"; \
+		apt-get update -qq && apt-get install -y -qq tmux >/dev/null; }
+
+pytest: install system-deps
 	$(BIN)/pytest
 
 test: lint typecheck pytest
