@@ -6,10 +6,12 @@ for the agent's modules (and ``--help`` pays for nothing).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -18,9 +20,11 @@ import click
 
 if TYPE_CHECKING:
     import asyncio
+    import ssl
 
     import tether
 
+TOKENS_FILE_NAME = "tokens"  # in the state directory, beside the agent's own token
 EXIT_FAILURE = 255  # tether's own failures, as ssh
 EXIT_TIMEOUT = 124  # the command ran out of --timeout, as timeout(1)
 EXIT_NOT_FOUND = 127  # the program does not exist, as a shell
@@ -49,20 +53,82 @@ def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> NoReturn:
     sys.exit(code)
 
 
-def _token_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option(
-        "--token-file",
-        type=click.Path(dir_okay=False),
-        help="File holding the token (default: $TETHER_TOKEN, then the local agent's).",
-    )(f)
-    f = click.option(
-        "--connect-timeout",
-        type=click.FloatRange(min=0, min_open=True),
-        default=10.0,
-        show_default=True,
-        help="Seconds to connect and authenticate.",
-    )(f)
-    return f
+def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the options of every client command; the command gets them as ``connect``."""
+
+    @functools.wraps(f)
+    def command(
+        *args: Any,
+        token_file: str | None,
+        connect_timeout: float,
+        insecure_plaintext: bool,
+        fingerprint: str | None,
+        cacert: str | None,
+        known_hosts: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        connect = {
+            "token_file": token_file,
+            "connect_timeout": connect_timeout,
+            "insecure_plaintext": insecure_plaintext,
+            "fingerprint": fingerprint,
+            "cacert": cacert,
+            "known_hosts": known_hosts,
+        }
+        return f(*args, connect=connect, **kwargs)
+
+    options = [
+        click.option(
+            "--token-file",
+            type=click.Path(dir_okay=False),
+            help="File holding the token (default: $TETHER_TOKEN, then the local agent's).",
+        ),
+        click.option(
+            "--connect-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=10.0,
+            show_default=True,
+            help="Seconds to connect and authenticate.",
+        ),
+        click.option(
+            "--insecure-plaintext",
+            is_flag=True,
+            help="Connect without TLS (only to an agent started the same way).",
+        ),
+        click.option(
+            "--fingerprint",
+            metavar="SHA256:...",
+            help="The agent's certificate fingerprint, as it printed it at start.",
+        ),
+        click.option(
+            "--cacert",
+            type=click.Path(dir_okay=False, exists=True),
+            help="Verify the agent's certificate with this CA instead of a pin.",
+        ),
+        click.option(
+            "--known-hosts",
+            type=click.Path(dir_okay=False),
+            help="Pinned certificates. [default: ~/.config/tether/known_hosts]",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@contextlib.asynccontextmanager
+async def _connected(host: str, connect: dict[str, Any]) -> AsyncIterator[tether.Connection]:
+    """``tether.connect`` for the CLI: says so when a new host gets pinned."""
+    import tether
+
+    async with tether.connect(host, **connect) as conn:
+        if conn.new_host:
+            click.echo(
+                f"tether: pinned {conn.address} to certificate {conn.fingerprint} "
+                "(trust on first use; compare it with what the agent printed)",
+                err=True,
+            )
+        yield conn
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -113,6 +179,60 @@ def cli() -> None:
     help="Seconds running requests get to finish on SIGTERM.",
 )
 @click.option(
+    "--insecure-plaintext",
+    is_flag=True,
+    help="TCP without TLS: anyone on the path can read and change the traffic.",
+)
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False),
+    help="Named tokens, 'NAME TOKEN' per line, mode 0600. [default: STATE_DIR/tokens]",
+)
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    metavar="PATTERN",
+    help="Only programs matching PATTERN may run (repeatable; 'ls', '/usr/bin/*', '/bin/sh' for --shell).",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False),
+    help="Append one JSON line per connection, hello, command and file change.",
+)
+@click.option(
+    "--max-unauthenticated",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Connections allowed to be authenticating at once.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds before a silent authenticated connection is closed.",
+)
+@click.option(
+    "--max-execs-per-connection", type=click.IntRange(min=1), default=64, show_default=True
+)
+@click.option(
+    "--max-execs",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Commands running at once on the agent.",
+)
+@click.option(
+    "--cert",
+    type=click.Path(dir_okay=False, exists=True),
+    help="TLS certificate (PEM) instead of the agent's own.",
+)
+@click.option(
+    "--key", type=click.Path(dir_okay=False, exists=True), help="Private key (PEM) of --cert."
+)
+@click.option(
     "--hello-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
@@ -136,6 +256,16 @@ def serve(
     state_dir: str | None,
     token_file: str | None,
     grace: float,
+    insecure_plaintext: bool,
+    tokens_file: str | None,
+    allow: tuple[str, ...],
+    audit_log: str | None,
+    max_unauthenticated: int,
+    idle_timeout: float,
+    max_execs_per_connection: int,
+    max_execs: int,
+    cert: str | None,
+    key: str | None,
     hello_timeout: float,
     log_level: str,
 ) -> None:
@@ -167,7 +297,19 @@ def serve(
                 click.echo(f"tether: token in {path}", err=True)
     except (tether.UsageError, OSError) as exc:
         _fail(str(exc))
+    directory = Path(state_dir) if state_dir else tether.default_state_dir()
+    ssl_context = None
+    if not no_tcp and not insecure_plaintext:
+        ssl_context = _agent_tls(directory, cert, key)
     config = tether.ServerConfig(
+        ssl_context=ssl_context,
+        tokens_file=Path(tokens_file) if tokens_file else directory / TOKENS_FILE_NAME,
+        allow=list(allow),
+        audit_log=audit_log,
+        max_unauthenticated=max_unauthenticated,
+        idle_timeout=idle_timeout,
+        max_execs_per_connection=max_execs_per_connection,
+        max_execs=max_execs,
         token=token,
         hosts=list(hosts) or ["127.0.0.1"],
         port=tether.DEFAULT_PORT if port is None else port,
@@ -180,6 +322,66 @@ def serve(
         hello_timeout=hello_timeout,
     )
     _run(lambda: _serve(config))
+
+
+@cli.group()
+def token() -> None:
+    """Manage the agent's named tokens."""
+
+
+@token.command(name="new")
+@click.argument("name")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    help="The agent's state directory. [default: $XDG_STATE_HOME/tether]",
+)
+@click.option("--tokens-file", type=click.Path(dir_okay=False), help="[default: STATE_DIR/tokens]")
+def token_new(name: str, state_dir: str | None, tokens_file: str | None) -> None:
+    """Make a token for NAME (its identity in the audit log) and print it.
+
+    A running agent picks it up at the next connection.
+    """
+    import tether
+    from tether.tokens import add_token
+
+    path = (
+        Path(tokens_file)
+        if tokens_file
+        else Path(state_dir or tether.default_state_dir()) / TOKENS_FILE_NAME
+    )
+    try:
+        secret = add_token(path, name)
+    except tether.UsageError as exc:
+        _fail(str(exc), 2)
+    except OSError as exc:
+        _fail(f"{path}: {exc.strerror}")
+    click.echo(secret)
+    click.echo(
+        f"tether: token {name!r} added to {path}; give it to the client in a file or $TETHER_TOKEN",
+        err=True,
+    )
+
+
+def _agent_tls(state_dir: Path, cert: str | None, key: str | None) -> ssl.SSLContext:
+    from tether.asyncio import tls
+
+    if (cert is None) != (key is None):
+        _fail("--cert and --key go together", 2)
+    try:
+        if cert is not None and key is not None:
+            cert_path, key_path = Path(cert), Path(key)
+        else:
+            cert_path, key_path, created = tls.ensure_certificate(state_dir)
+            if created:
+                click.echo(f"tether: new TLS certificate in {cert_path}", err=True)
+        context = tls.server_context(cert_path, key_path)
+        click.echo(
+            f"tether: certificate fingerprint {tls.fingerprint_of_file(cert_path)}", err=True
+        )
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot load the TLS certificate: {exc}")
+    return context
 
 
 async def _serve(config: tether.ServerConfig) -> int:
@@ -235,7 +437,7 @@ def _parse_env(values: Sequence[str]) -> dict[str, str]:
 @click.option(
     "-n", "no_stdin", is_flag=True, help="Do not forward stdin (the command reads nothing)."
 )
-@_token_options
+@_connection_options
 def exec_(
     host: str,
     command: tuple[str, ...],
@@ -244,8 +446,7 @@ def exec_(
     cwd: str | None,
     env: tuple[str, ...],
     no_stdin: bool,
-    token_file: str | None,
-    connect_timeout: float,
+    connect: dict[str, Any],
 ) -> None:
     """Run COMMAND on HOST; exit with its exit code.
 
@@ -266,8 +467,7 @@ def exec_(
             cwd=cwd,
             env=environment or None,
             forward_stdin=not no_stdin,
-            token_file=token_file,
-            connect_timeout=connect_timeout,
+            connect=connect,
         )
     )
 
@@ -281,14 +481,13 @@ async def _exec(
     cwd: str | None,
     env: dict[str, str] | None,
     forward_stdin: bool,
-    token_file: str | None,
-    connect_timeout: float,
+    connect: dict[str, Any],
 ) -> int:
     import asyncio
 
     import tether
 
-    async with tether.connect(host, token_file=token_file, connect_timeout=connect_timeout) as conn:
+    async with _connected(host, connect) as conn:
         proc = await conn.exec(
             argv, shell=shell, cwd=cwd, env=env, timeout=timeout, stdin=forward_stdin
         )
@@ -369,15 +568,14 @@ def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) ->
 @click.option("-r", "recursive", is_flag=True, help="Copy directory trees.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted copy from its partial file.")
 @click.option("-q", "quiet", is_flag=True, help="No progress bars, only errors.")
-@_token_options
+@_connection_options
 def cp(
     source: str,
     dest: str,
     recursive: bool,
     resume: bool,
     quiet: bool,
-    token_file: str | None,
-    connect_timeout: float,
+    connect: dict[str, Any],
 ) -> None:
     """Copy SOURCE to DEST; exactly one of them is HOST:PATH.
 
@@ -396,27 +594,9 @@ def cp(
         _fail("exactly one of SOURCE and DEST must be HOST:PATH", 2)
     options = {"recursive": recursive, "resume": resume, "quiet": quiet}
     if src is not None:
-        _run(
-            lambda: _copy(
-                src,
-                dest,
-                upload=False,
-                **options,
-                token_file=token_file,
-                connect_timeout=connect_timeout,
-            )
-        )
+        _run(lambda: _copy(src, dest, upload=False, **options, connect=connect))
     assert dst is not None
-    _run(
-        lambda: _copy(
-            dst,
-            source,
-            upload=True,
-            **options,
-            token_file=token_file,
-            connect_timeout=connect_timeout,
-        )
-    )
+    _run(lambda: _copy(dst, source, upload=True, **options, connect=connect))
 
 
 async def _copy(
@@ -427,14 +607,11 @@ async def _copy(
     recursive: bool,
     resume: bool,
     quiet: bool,
-    token_file: str | None,
-    connect_timeout: float,
+    connect: dict[str, Any],
 ) -> int:
     import tether
 
-    async with tether.connect(
-        remote.host, token_file=token_file, connect_timeout=connect_timeout
-    ) as conn:
+    async with _connected(remote.host, connect) as conn:
         try:
             if upload:
                 results = await _upload(conn, local, remote.path, recursive, resume, quiet)
@@ -525,8 +702,8 @@ def _tree_size(top: str) -> int:
 @cli.command(name="ls")
 @click.argument("target", metavar="HOST:PATH")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
-@_token_options
-def ls(target: str, as_json: bool, token_file: str | None, connect_timeout: float) -> None:
+@_connection_options
+def ls(target: str, as_json: bool, connect: dict[str, Any]) -> None:
     """List a remote directory: mode, size, modification time, name."""
     import tether
 
@@ -536,12 +713,10 @@ def ls(target: str, as_json: bool, token_file: str | None, connect_timeout: floa
         _fail(str(exc), 2)
     if remote is None:
         _fail(f"{target}: expected HOST:PATH (ls lists a remote directory)", 2)
-    _run(lambda: _ls(remote, as_json, token_file, connect_timeout))
+    _run(lambda: _ls(remote, as_json, connect))
 
 
-async def _ls(
-    remote: tether.RemotePath, as_json: bool, token_file: str | None, connect_timeout: float
-) -> int:
+async def _ls(remote: tether.RemotePath, as_json: bool, connect: dict[str, Any]) -> int:
     import json
     import posixpath
     import stat as stat_module
@@ -549,9 +724,7 @@ async def _ls(
 
     import tether
 
-    async with tether.connect(
-        remote.host, token_file=token_file, connect_timeout=connect_timeout
-    ) as conn:
+    async with _connected(remote.host, connect) as conn:
         try:
             # As ls(1): "link/" lists the directory a link leads to.
             info = await conn.stat(remote.path, follow=remote.path.endswith("/"))
@@ -603,18 +776,16 @@ def _write_line(text: str) -> None:
 @cli.command()
 @click.argument("host")
 @click.argument("text")
-@_token_options
-def echo(host: str, text: str, token_file: str | None, connect_timeout: float) -> None:
+@_connection_options
+def echo(host: str, text: str, connect: dict[str, Any]) -> None:
     """Send TEXT to HOST and print what comes back, with the round-trip time."""
-    _run(lambda: _echo(host, text, token_file, connect_timeout))
+    _run(lambda: _echo(host, text, connect))
 
 
-async def _echo(host: str, text: str, token_file: str | None, connect_timeout: float) -> int:
+async def _echo(host: str, text: str, connect: dict[str, Any]) -> int:
     import time
 
-    import tether
-
-    async with tether.connect(host, token_file=token_file, connect_timeout=connect_timeout) as conn:
+    async with _connected(host, connect) as conn:
         started = time.perf_counter()
         reply = await conn.echo(text)
         elapsed = time.perf_counter() - started

@@ -4,7 +4,9 @@ The tree::
 
     TetherError                      base of everything below; has ``.code``
     ├── ConnectError                 the agent could not be reached (refused, no route,
-    │                                 unknown host); also an OSError
+    │   │                             unknown host, TLS failed); also an OSError
+    │   └── CertificateError         the agent's certificate is not the one pinned for it
+    │                                 (possible man-in-the-middle), or unknown
     ├── ConnectionClosed             an established connection ended before a reply
     ├── ProtocolError                the peer broke docs/protocol.md; the connection is
     │   │                             failed, later input is discarded
@@ -30,6 +32,7 @@ import builtins
 
 __all__ = [
     "AuthenticationError",
+    "CertificateError",
     "ConnectError",
     "ConnectionClosed",
     "FrameTooLarge",
@@ -65,6 +68,13 @@ class ConnectError(TetherError, OSError):
     """The agent could not be reached."""
 
     code = "connect_failed"
+
+
+class CertificateError(ConnectError):
+    """The agent's TLS certificate does not match its pin (``certificate_mismatch``),
+    or the host is unknown and trust on first use is off (``unknown_host``)."""
+
+    code = "certificate_mismatch"
 
 
 class ConnectionClosed(TetherError):

@@ -107,6 +107,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+    IDLE_TIMEOUT = "idle_timeout"
     PATH_OUTSIDE_ROOT = "path_outside_root"
     IS_A_DIRECTORY = "is_a_directory"
     NOT_A_DIRECTORY = "not_a_directory"
@@ -224,6 +225,7 @@ class HelloReply(Message):
     encoding: str
     max_header: int
     max_body: int
+    idle_timeout: float | None = None  # seconds; keep a quiet connection alive with echo
 
 
 @dataclass(frozen=True, slots=True)

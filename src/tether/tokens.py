@@ -90,3 +90,65 @@ def find_client_token(
         f"no token: pass --token-file, set {TOKEN_ENV}, or run on the agent's machine "
         f"(looked for {local})"
     )
+
+
+TOKENS_FILE_NAME = "tokens"
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.@-")
+
+
+def check_token_name(name: str) -> None:
+    """Raises UsageError unless ``name`` is 1-64 of ``[A-Za-z0-9_.@-]``."""
+    if not 0 < len(name) <= 64 or not set(name) <= _NAME_CHARS:
+        raise UsageError(f"bad token name {name!r}: use 1-64 of A-Z a-z 0-9 _ . @ -")
+
+
+def load_tokens(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The named tokens in a tokens file (``name token`` per line), by token.
+
+    Raises:
+        UsageError: the file is readable by group or others, or malformed.
+    """
+    shown = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise UsageError(f"cannot read tokens file {shown}: {exc.strerror}") from None
+    with os.fdopen(fd, encoding="utf-8") as f:
+        mode = os.fstat(f.fileno()).st_mode & 0o777
+        if mode & 0o077:
+            raise UsageError(
+                f"tokens file {shown} is mode {mode:o}: others may read it; chmod 600 {shown}"
+            )
+        text = f.read()
+    tokens: dict[str, str] = {}
+    names: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise UsageError(f"{shown} line {number}: expected 'NAME TOKEN'")
+        name, token = fields
+        check_token_name(name)
+        if name in names or token in tokens:
+            raise UsageError(f"{shown} line {number}: name or token used twice")
+        names.add(name)
+        tokens[token] = name
+    return tokens
+
+
+def add_token(path: str | os.PathLike[str], name: str) -> str:
+    """Make a new token called ``name`` in the tokens file (created 0600); return it.
+
+    Raises:
+        UsageError: bad or duplicate name, or an unsafe existing file.
+    """
+    check_token_name(name)
+    if os.path.exists(path) and name in load_tokens(path).values():
+        raise UsageError(f"a token named {name!r} already exists in {os.fspath(path)}")
+    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(f"{name} {token}\n")
+    return token

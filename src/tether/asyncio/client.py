@@ -6,14 +6,17 @@ import asyncio
 import builtins
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, cast
 
 from ..addresses import Address, parse_address
 from ..exceptions import (
     AuthenticationError,
+    CertificateError,
     ConnectError,
     ConnectionClosed,
     ProtocolError,
@@ -21,6 +24,13 @@ from ..exceptions import (
     TetherError,
     TimeoutError,
     UsageError,
+)
+from ..known_hosts import (
+    add_known_host,
+    default_known_hosts,
+    fingerprint,
+    lookup_known_host,
+    normalize_fingerprint,
 )
 from ..limits import Limits
 from ..messages import (
@@ -40,7 +50,7 @@ from ..messages import (
 )
 from ..protocol import ClientProtocol, ConnectionFailed, ReplyReceived
 from ..tokens import find_client_token
-from . import transfer
+from . import tls, transfer
 from .transfer import RemoteStat
 
 __all__ = ["CommandResult", "Connection", "ExitStatus", "Output", "RemoteProcess", "connect"]
@@ -307,9 +317,25 @@ class RemoteProcess:
 class Connection:
     """An authenticated connection to one agent; many requests may run at once."""
 
-    def __init__(self, wire: _ClientConnection, address: Address, hello: HelloReply) -> None:
+    def __init__(
+        self,
+        wire: _ClientConnection,
+        address: Address,
+        hello: HelloReply,
+        *,
+        fingerprint: str | None = None,
+        new_host: bool = False,
+    ) -> None:
         self._wire = wire
         self.address = address
+        self.fingerprint = fingerprint  # the agent's TLS certificate; None for plaintext
+        self.new_host = new_host  # pinned just now, on first use
+        self._keepalive: asyncio.Task[None] | None = None
+        if hello.idle_timeout:
+            # The agent closes connections silent for idle_timeout: a held,
+            # quiet connection stays open by echoing well within it.
+            interval = hello.idle_timeout / 3
+            self._keepalive = asyncio.get_running_loop().create_task(self._keep_alive(interval))
         self.server_name = hello.server
         self.encoding = hello.encoding
         self.max_body = min(hello.max_body, wire.protocol.limits.max_body)
@@ -322,8 +348,18 @@ class Connection:
     ) -> None:
         await self.close()
 
+    async def _keep_alive(self, interval: float) -> None:
+        while self._wire.error is None:
+            await asyncio.sleep(interval)
+            try:
+                await self.echo(b"")
+            except TetherError:
+                return  # the connection is over; its users see why
+
     async def close(self) -> None:
         """Close the connection; the agent ends any command still running."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         transport = self._wire.transport
         if transport is not None and not transport.is_closing():
             transport.close()
@@ -540,6 +576,11 @@ def connect(
     token_file: str | os.PathLike[str] | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     limits: Limits | None = None,
+    insecure_plaintext: bool = False,
+    fingerprint: str | None = None,
+    cacert: str | os.PathLike[str] | None = None,
+    known_hosts: str | os.PathLike[str] | None = None,
+    trust_on_first_use: bool = True,
 ) -> _Connect:
     """Connect to an agent and authenticate.
 
@@ -547,13 +588,22 @@ def connect(
     is ``token``, else read from ``token_file``, else ``$TETHER_TOKEN``, else
     the local agent's token file.
 
+    TCP is TLS unless ``insecure_plaintext`` (the agent must say so too). The
+    agent's certificate is checked before the token is sent: against
+    ``fingerprint`` if given, else against a CA if ``cacert`` is given, else
+    against the pin for this host in ``known_hosts`` (default
+    ``~/.config/tether/known_hosts``); an unknown host is pinned on first use
+    (``Connection.new_host`` tells) unless ``trust_on_first_use`` is false.
+    Unix sockets are plaintext (their file mode guards them).
+
     Use as ``async with connect(host) as conn:`` or ``conn = await connect(host)``.
 
     Raises:
-        ConnectError: the agent cannot be reached.
+        ConnectError: the agent cannot be reached, or TLS failed.
+        CertificateError: the certificate is not the pinned one.
         AuthenticationError: the agent refused the token.
         TimeoutError: no connection and hello within ``connect_timeout`` seconds.
-        UsageError: bad ``host``, or no token anywhere.
+        UsageError: bad ``host`` or ``fingerprint``, or no token anywhere.
     """
     return _Connect(
         host=host,
@@ -561,7 +611,17 @@ def connect(
         token_file=token_file,
         connect_timeout=connect_timeout,
         limits=limits or Limits(),
+        trust=_Trust(insecure_plaintext, fingerprint, cacert, known_hosts, trust_on_first_use),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Trust:
+    insecure_plaintext: bool
+    fingerprint: str | None
+    cacert: str | os.PathLike[str] | None
+    known_hosts: str | os.PathLike[str] | None
+    trust_on_first_use: bool
 
 
 async def _open_connection(
@@ -571,11 +631,21 @@ async def _open_connection(
     token_file: str | os.PathLike[str] | None,
     connect_timeout: float,
     limits: Limits,
+    trust: _Trust,
 ) -> Connection:
     address = parse_address(host) if isinstance(host, str) else host
     secret = find_client_token(token, token_file)
+    pinned = None
+    if trust.fingerprint is not None:
+        try:
+            pinned = normalize_fingerprint(trust.fingerprint)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    use_tls = address.path is None and not trust.insecure_plaintext
     loop = asyncio.get_running_loop()
     wire: _ClientConnection | None = None
+    seen: str | None = None
+    new_host = False
     try:
         async with asyncio.timeout(connect_timeout):
             if address.path is not None:
@@ -584,12 +654,29 @@ async def _open_connection(
                 )
             else:
                 assert address.host is not None and address.port is not None
+                ctx = tls.client_context(trust.cacert) if use_tls else None
                 _, wire = await loop.create_connection(
-                    lambda: _ClientConnection(limits), address.host, address.port
+                    lambda: _ClientConnection(limits),
+                    address.host,
+                    address.port,
+                    ssl=ctx,
+                    server_hostname=address.host if trust.cacert is not None else None,
                 )
-            wire.protocol.send_hello(secret)
+            if use_tls:
+                seen = _peer_fingerprint(wire)
+                if trust.cacert is None:
+                    new_host = _check_pin(address, seen, pinned, trust)
+            wire.protocol.send_hello(secret)  # only now: the agent is who we think
             wire.flush()
-            hello = await wire.hello
+            try:
+                hello = await wire.hello
+            except (ProtocolError, ConnectionClosed) as exc:
+                if use_tls:
+                    raise
+                raise ConnectError(
+                    f"cannot connect to {address}: no tether hello came back ({exc}); "
+                    "if the agent uses TLS (the default), drop --insecure-plaintext"
+                ) from None
     except TetherError:
         _abort(wire)
         raise
@@ -598,11 +685,65 @@ async def _open_connection(
         raise TimeoutError(
             f"connecting to {address} timed out after {connect_timeout:g}s", seconds=connect_timeout
         ) from None
+    except ssl.SSLError as exc:
+        _abort(wire)
+        raise ConnectError(
+            f"cannot connect to {address}: TLS handshake failed ({exc.reason or exc}); "
+            "an agent started with --insecure-plaintext needs --insecure-plaintext here too"
+        ) from None
     except OSError as exc:
         _abort(wire)
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise ConnectError(f"cannot connect to {address}: {reason}") from None
-    return Connection(wire, address, hello)
+    return Connection(wire, address, hello, fingerprint=seen, new_host=new_host)
+
+
+def _peer_fingerprint(wire: _ClientConnection) -> str:
+    assert wire.transport is not None
+    ssl_object = wire.transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise ConnectError("the agent presented no TLS certificate")
+    return fingerprint(der)
+
+
+def _check_pin(address: Address, seen: str, pinned: str | None, trust: _Trust) -> bool:
+    """Compare the agent's certificate with its pin; pin it on first use.
+
+    Returns:
+        Whether the host was unknown and has just been pinned.
+
+    Raises:
+        CertificateError: a mismatch, or an unknown host without trust on first use.
+    """
+    if pinned is not None:
+        if seen != pinned:
+            raise CertificateError(
+                f"the agent at {address} presented certificate {seen}, "
+                f"not {pinned} as --fingerprint requires: refusing to send the token"
+            )
+        return False
+    path = Path(trust.known_hosts) if trust.known_hosts is not None else default_known_hosts()
+    known = lookup_known_host(path, str(address))
+    if known is not None:
+        if known.fingerprint != seen:
+            raise CertificateError(
+                f"WARNING: THE CERTIFICATE OF THE AGENT AT {address} HAS CHANGED!\n"
+                "Someone could be intercepting this connection (man-in-the-middle), or the\n"
+                "agent's certificate was replaced. The token was not sent.\n"
+                f"Expected {known.fingerprint}, got {seen}.\n"
+                f"If the change is expected, remove line {known.line} of {path} and connect again."
+            )
+        return False
+    if not trust.trust_on_first_use:
+        error = CertificateError(
+            f"{address} is not in {path} (its certificate is {seen}); "
+            "pass --fingerprint, or allow trust on first use"
+        )
+        error.code = "unknown_host"
+        raise error
+    add_known_host(path, str(address), seen)
+    return True
 
 
 def _abort(wire: _ClientConnection | None) -> None:

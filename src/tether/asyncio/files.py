@@ -131,6 +131,7 @@ async def handle_list(conn: ServerConnection, request: ListDir) -> Message:
 async def handle_get(conn: ServerConnection, request: Get) -> Message:
     path = resolve(_root(conn), request.path, follow=True)
     source = FileSource(path, request.path)
+    offset = 0
     try:
         offset = await source.start_at(request.offset, request.prefix_digest)
         meta = source.meta
@@ -146,7 +147,9 @@ async def handle_get(conn: ServerConnection, request: Get) -> Message:
             pending.cancel()
         digest = source.finish()
     finally:
+        conn.note(request.id, bytes=source.pos - offset)
         source.close()
+    conn.note(request.id, size=meta.size, digest=digest)
     return Done(request.id, digest=digest)
 
 
@@ -206,6 +209,7 @@ async def handle_put(conn: ServerConnection, request: Put) -> Message:
     partial = PartialFile(dest, request.path, resume=request.resume)
     receiver = PutReceiver(conn, request, partial)
     keep = False
+    offset = 0
     try:
         offset, prefix_digest = await partial.prefix(request.size)
         conn.attach(request.id, receiver)
@@ -219,7 +223,9 @@ async def handle_put(conn: ServerConnection, request: Put) -> Message:
             keep = cancel is None or cancel.keep
             raise
         await partial.commit(request.size, digest, request.mode, request.mtime_ns)
+        conn.note(request.id, digest=digest)
     finally:
+        conn.note(request.id, bytes=max(partial.pos - offset, 0))
         conn.release_input(receiver)
         if keep:
             partial.close()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
-import hmac
 import locale
 import logging
 import os
+import shutil
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from ..exceptions import ConnectionClosed, RemoteError, TransferError
+from ..audit import AuditLog
+from ..auth import Authenticator, AuthFailure
+from ..exceptions import ConnectionClosed, RemoteError, TransferError, UsageError
 from ..limits import DEFAULT_PORT, HELLO_TIMEOUT, PROTOCOL_VERSION, Limits
 from ..messages import (
     Cancel,
@@ -36,6 +40,7 @@ from ..messages import (
     Ok,
     Put,
 )
+from ..policy import ExecPolicy
 from ..protocol import (
     ConnectionFailed,
     ControlReceived,
@@ -44,6 +49,7 @@ from ..protocol import (
     RequestReceived,
     ServerProtocol,
 )
+from ..tokens import load_tokens
 from .execution import KILL_GRACE, ExecRunner
 from .files import FILE_HANDLERS
 from .udp import PingResponder
@@ -74,6 +80,15 @@ class ServerConfig:
     hello_timeout: float = HELLO_TIMEOUT
     limits: Limits = field(default_factory=Limits)
     name: str = field(default_factory=socket.gethostname)
+    # TLS for every TCP listener; None only with --insecure-plaintext.
+    ssl_context: ssl.SSLContext | None = None
+    tokens_file: Path | None = None  # more named tokens ("name token" lines, mode 0600)
+    allow: list[str] = field(default_factory=list)  # exec allow-list patterns
+    max_unauthenticated: int = 64  # connections still before their hello; more get busy
+    idle_timeout: float = 300.0  # seconds an authenticated connection may do nothing
+    max_execs_per_connection: int = 64
+    max_execs: int = 256  # on the whole agent
+    audit_log: str | None = None  # JSON lines file (also logged at info level)
 
 
 Handler = Callable[["ServerConnection", Any], Awaitable[Message]]
@@ -108,6 +123,10 @@ class ServerConnection(asyncio.Protocol):
         self._early_key = object()  # holds input while early frames pile up
         self._takes_controls: dict[int, bool] = {}
         self._write_paused = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.address_key: str | None = None  # what failed hellos are counted by
+        self.execs = 0
+        self._notes: dict[int, dict[str, Any]] = {}
         self.closed = False
 
     # asyncio.Protocol ---------------------------------------------------------
@@ -120,12 +139,27 @@ class ServerConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.connections.add(self)
+            _enable_keepalive(sock)
+            self.address_key = str(peer[0])
+        server = self.server
+        server.connections.add(self)
+        server.audit.record(
+            "connect", peer=self.peer, tls=transport.get_extra_info("ssl_object") is not None
+        )
+        if len(server.unauthenticated) >= server.config.max_unauthenticated:
+            # Authenticated clients keep working; strangers wait their turn.
+            self.protocol.fail(
+                ErrorCode.BUSY, "too many connections are authenticating; retry later"
+            )
+            server.audit.record("refused", peer=self.peer, reason="busy")
+            self._close()
+            return
+        server.unauthenticated.add(self)
         loop = asyncio.get_running_loop()
-        self._hello_timer = loop.call_later(self.server.config.hello_timeout, self._hello_timeout)
-        log.debug("%s: connected", self.peer)
+        self._hello_timer = loop.call_later(server.config.hello_timeout, self._hello_timeout)
 
     def data_received(self, data: bytes) -> None:
+        self._last_input = time.monotonic()
         self.protocol.receive_data(data)
         self._process_events()
 
@@ -137,6 +171,10 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.server.unauthenticated.discard(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self.server.audit.record("disconnect", peer=self.peer, identity=self.identity)
         self._writable.set()  # wake writers: drain() now raises
         if self._hello_timer is not None:
             self._hello_timer.cancel()
@@ -264,17 +302,23 @@ class ServerConnection(asyncio.Protocol):
             self._close()
 
     def _on_hello(self, hello: Hello) -> None:
-        identity = self.server.authenticate(hello.token)
-        if identity is None:
+        result = self.server.authenticate(hello.token, self.address_key)
+        if isinstance(result, AuthFailure):
             # Answer late, and read nothing meanwhile, to slow token guessing.
             if self.transport is not None:
                 self.transport.pause_reading()
-            log.warning("%s: authentication failed", self.peer)
-            asyncio.get_running_loop().call_later(AUTH_FAILURE_DELAY, self._reject_hello)
+            log.warning("%s: %s", self.peer, result.reason)
+            self.server.audit.record("auth", peer=self.peer, ok=False, reason=result.reason)
+            asyncio.get_running_loop().call_later(
+                AUTH_FAILURE_DELAY, self._reject_hello, result.reason
+            )
             return
+        identity = result
         self.identity = identity
+        self.server.unauthenticated.discard(self)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
+        self._arm_idle_timer()
         config = self.server.config
         self.protocol.accept_hello(
             HelloReply(
@@ -284,12 +328,33 @@ class ServerConnection(asyncio.Protocol):
                 encoding=self.server.encoding,
                 max_header=config.limits.max_header,
                 max_body=config.limits.max_body,
+                idle_timeout=config.idle_timeout,
             )
         )
-        log.info("%s: authenticated as %s", self.peer, identity)
+        self.server.audit.record("auth", peer=self.peer, ok=True, identity=identity)
 
-    def _reject_hello(self) -> None:
-        self.protocol.reject_hello(ErrorCode.AUTH_FAILED, "authentication failed")
+    def _reject_hello(self, reason: str) -> None:
+        self.protocol.reject_hello(ErrorCode.AUTH_FAILED, reason)
+        self._close()
+
+    def _arm_idle_timer(self) -> None:
+        timeout = self.server.config.idle_timeout
+        self._last_input = time.monotonic()
+        self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        # Idle means nothing received and nothing running for a whole period;
+        # a client keeps a quiet connection alive with echo (its keepalive).
+        if self.closed:
+            return
+        timeout = self.server.config.idle_timeout
+        quiet_for = time.monotonic() - self._last_input
+        if self.tasks or quiet_for < timeout:
+            delay = timeout - quiet_for if not self.tasks else timeout
+            self._idle_timer = asyncio.get_running_loop().call_later(delay, self._check_idle)
+            return
+        self.protocol.fail(ErrorCode.IDLE_TIMEOUT, f"idle for {timeout:g}s")
+        self.server.audit.record("idle_timeout", peer=self.peer, identity=self.identity)
         self._close()
 
     def _start_request(self, request: Message) -> None:
@@ -316,6 +381,8 @@ class ServerConnection(asyncio.Protocol):
             )
 
     async def _run_request(self, handler: Handler, request: Message) -> None:
+        started = time.monotonic()
+        final: Message | None = None
         try:
             final = await handler(self, request)
         except (RemoteError, TransferError) as exc:
@@ -340,7 +407,28 @@ class ServerConnection(asyncio.Protocol):
         finally:
             self.tasks.pop(request.id, None)
             self.controllers.pop(request.id, None)
+            self._audit(request, final, time.monotonic() - started)
         self._finish(request.id, final)
+
+    def note(self, request_id: int, **fields: Any) -> None:
+        """Add facts to the audit record of a running request (bytes, digest...)."""
+        self._notes.setdefault(request_id, {}).update(fields)
+
+    def _audit(self, request: Message, final: Message | None, seconds: float) -> None:
+        notes = self._notes.pop(request.id, {})
+        if isinstance(request, Echo):
+            return  # no side effects, and the busiest request there is
+        record: dict[str, Any] = {"peer": self.peer, "identity": self.identity}
+        record |= {"op": request.OP.value, "id": request.id, **_audit_fields(request), **notes}
+        if isinstance(final, Exit):
+            record |= {"status": final.status, "signal": final.signal_name or final.signal}
+            record |= {"timed_out": final.timed_out}
+        elif isinstance(final, Error):
+            record |= {"outcome": final.code, "message": final.message}
+        else:
+            record["outcome"] = "ok" if final is not None else "ended"
+        record["seconds"] = round(seconds, 3)
+        self.server.audit.record("request", **record)
 
     def _finish(self, request_id: int, final: Message) -> None:
         if not self.closed:
@@ -368,6 +456,15 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"{path} is in use by a running agent")
 
 
+def _enable_keepalive(sock: socket.socket) -> None:
+    # A peer that vanished (cable, crash) is noticed in about two minutes
+    # even on a connection that is waiting for a long command.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 def _format_peer(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
@@ -383,46 +480,49 @@ async def handle_echo(conn: ServerConnection, request: Echo) -> Message:
 
 
 async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
-    if not conn.server.config.allow_exec:
-        raise RemoteError(ErrorCode.FORBIDDEN, "exec is disabled on this agent")
-    root = conn.server.config.root
+    server, config = conn.server, conn.server.config
+    env = {**os.environ, **(request.env or {})}
+    program = request.argv[0] if request.argv is not None else "/bin/sh"
+    # Looked up in the agent's own PATH: a client's PATH must not pick the binary.
+    resolved = shutil.which(program, path=os.environ.get("PATH", os.defpath))
+    resolved = os.path.abspath(resolved) if resolved is not None else None
+    refusal = server.policy.refusal(program, resolved)
+    if refusal is not None:
+        raise RemoteError(ErrorCode.FORBIDDEN, refusal)
+    if config.allow and request.argv is not None and resolved is not None:
+        request = dataclasses.replace(request, argv=[resolved, *request.argv[1:]])
+    if conn.execs >= config.max_execs_per_connection or server.execs >= config.max_execs:
+        raise RemoteError(
+            ErrorCode.BUSY,
+            f"too many commands running (at most {config.max_execs_per_connection} per "
+            f"connection, {config.max_execs} on the agent)",
+        )
+    root = config.root
     cwd = os.path.join(root, request.cwd) if request.cwd else os.fspath(root)
     if not os.path.isdir(cwd):
         raise RemoteError(ErrorCode.NOT_FOUND, f"no such directory: {request.cwd}")
-    env = {**os.environ, **(request.env or {})}
     runner = ExecRunner(request, conn, cwd=cwd, env=env)
     conn.attach(request.id, runner)
-    started = time.monotonic()
-    outcome = "error"
+    conn.note(request.id, cwd=cwd)
+    conn.execs += 1
+    server.execs += 1
     try:
-        result: Exit = await runner.run()
-        outcome = _describe_exit(result)
-        return result
-    except asyncio.CancelledError:
-        outcome = "cancelled"
-        raise
-    except RemoteError as exc:
-        outcome = f"{exc.code}: {exc.message}"
-        raise
+        return await runner.run()
     finally:
-        log.info(
-            "%s: exec id=%d argv=%r cwd=%r -> %s in %.3fs",
-            conn.peer,
-            request.id,
-            runner.argv,
-            cwd,
-            outcome,
-            time.monotonic() - started,
-        )
+        conn.execs -= 1
+        server.execs -= 1
 
 
-def _describe_exit(result: Exit) -> str:
-    what = (
-        f"signal {result.signal_name or result.signal}"
-        if result.signal
-        else f"exit {result.status}"
-    )
-    return what + (" (timed out)" if result.timed_out else "")
+def _audit_fields(request: Message) -> dict[str, Any]:
+    """What a request asked for, for the audit log: never a body, never env values."""
+    fields = {
+        f.name: getattr(request, f.name)
+        for f in dataclasses.fields(request)
+        if f.name not in ("id", "body", "env") and getattr(request, f.name) is not None
+    }
+    if isinstance(request, Exec) and request.env:
+        fields["env"] = sorted(request.env)  # names only: values may be secrets
+    return fields
 
 
 CONTROLLED = (Exec, Put)  # requests that take control frames besides cancel
@@ -449,14 +549,43 @@ class Server:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
         self._unix_bound: str | None = None
+        self.unauthenticated: set[ServerConnection] = set()
+        self.execs = 0
+        self.policy = ExecPolicy(config.allow_exec, tuple(config.allow))
+        self.audit = AuditLog(config.audit_log)
+        initial = {config.token: "default"} if config.token else {}
+        self.authenticator = Authenticator(initial)
+        self._tokens_mtime: int | None = None
+        if config.tokens_file is not None and os.path.lexists(config.tokens_file):
+            # Refuse to start on an unsafe or malformed file, not later.
+            self.authenticator.tokens = initial | load_tokens(config.tokens_file)
+            self._tokens_mtime = os.stat(config.tokens_file).st_mtime_ns
 
-    def authenticate(self, token: str) -> str | None:
-        """The identity ``token`` belongs to, or ``None``; constant time."""
-        # surrogatepass: any str the JSON decoder can produce encodes.
-        offered = token.encode("utf-8", "surrogatepass")
-        if token and hmac.compare_digest(offered, self.config.token.encode()):
-            return "default"
-        return None
+    def authenticate(self, token: str, address: str | None) -> str | AuthFailure:
+        """The identity ``token`` was issued under, or why the hello fails."""
+        self._reload_tokens()
+        return self.authenticator.check(token, address, time.monotonic())
+
+    def _reload_tokens(self) -> None:
+        # `tether token new` adds tokens while the agent runs: reread on change.
+        path = self.config.tokens_file
+        if path is None:
+            return
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._tokens_mtime:
+            return
+        self._tokens_mtime = mtime
+        tokens = {self.config.token: "default"} if self.config.token else {}
+        if mtime is not None:
+            try:
+                tokens |= load_tokens(path)
+            except UsageError as exc:
+                log.error("%s; keeping the tokens loaded before", exc)
+                return
+        self.authenticator.tokens = tokens
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Keep ``task`` alive, and wait for it before the agent exits."""
@@ -495,11 +624,15 @@ class Server:
                 port,
                 reuse_address=True,
                 backlog=config.backlog,
+                ssl=config.ssl_context,
+                # The handshake counts against the hello deadline too.
+                ssl_handshake_timeout=config.hello_timeout if config.ssl_context else None,
             )
             self._servers.append(server)
             bound = server.sockets[0].getsockname()
             port = bound[1]  # port 0: every host shares the first one picked
-            self.addresses.append(f"tcp {_format_peer(bound)}")
+            kind = "tls" if config.ssl_context is not None else "tcp"
+            self.addresses.append(f"{kind} {_format_peer(bound)}")
             if config.udp:
                 udp, _ = await loop.create_datagram_endpoint(
                     PingResponder, local_addr=(host, port), reuse_port=False
@@ -567,3 +700,4 @@ class Server:
         for server in servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+        self.audit.close()

@@ -1,0 +1,95 @@
+"""TLS for TCP: the agent's self-made certificate, and the client's ways to trust it.
+
+The agent makes an ECDSA P-256 key and a self-signed certificate on first start
+(key file 0600) unless given ``--cert/--key``. The client verifies it by a
+pinned fingerprint (``--fingerprint``), by trust on first use recorded in its
+known-hosts file, or by a CA (``--cacert``). TLS 1.3 only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ..known_hosts import fingerprint
+
+__all__ = ["client_context", "ensure_certificate", "fingerprint_of_file", "server_context"]
+
+CERT_FILE = "cert.pem"
+KEY_FILE = "key.pem"
+CERT_YEARS = 20  # a pinned self-signed certificate: expiry would only break pins
+
+
+def ensure_certificate(state_dir: Path) -> tuple[Path, Path, bool]:
+    """The agent's certificate and key in ``state_dir``, made on first start.
+
+    Returns:
+        The certificate path, the key path, and whether they were made now.
+    """
+    cert_path, key_path = state_dir / CERT_FILE, state_dir / KEY_FILE
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path, False
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    host = socket.gethostname()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"tether agent {host}")])
+    now = datetime.datetime.now(datetime.UTC)
+    alt_names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.DNSName(host)]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365 * CERT_YEARS))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_bytes)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path, True
+
+
+def fingerprint_of_file(cert_path: Path) -> str:
+    """The SHA-256 fingerprint of the first certificate in a PEM file."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return fingerprint(cert.public_bytes(serialization.Encoding.DER))
+
+
+def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+def client_context(cacert: str | os.PathLike[str] | None) -> ssl.SSLContext:
+    """With ``cacert``: verify the chain and the host name. Without: accept any
+    certificate here, because the caller then checks its pinned fingerprint
+    before a single byte of the hello (the token) is sent."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if cacert is not None:
+        ctx.load_verify_locations(cacert)
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx

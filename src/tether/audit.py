@@ -1,0 +1,38 @@
+"""The audit log: one JSON object per line for every connection, hello, exec and
+file change (docs/protocol.md has nothing to say here: this is the agent's own
+record). Tokens never appear in it: only the name a token belongs to."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from typing import IO, Any
+
+__all__ = ["AuditLog"]
+
+log = logging.getLogger("tether.audit")
+
+
+class AuditLog:
+    """Writes audit events to a file (if given) and to the ``tether.audit`` logger."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self._file: IO[str] | None = None
+        if path is not None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)  # a line at a time
+
+    def record(self, event: str, **fields: Any) -> None:
+        """Record ``event`` with ``fields`` (JSON-serializable values)."""
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+        line = json.dumps({"time": now, "event": event, **fields}, default=str)
+        if self._file is not None:
+            self._file.write(line + "\n")
+        log.info("%s", line)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,84 @@
+"""Pinned agent certificates: the client's known-hosts file (trust on first use, as ssh).
+
+One line per agent: ``HOST SHA256:base64-of-the-certificate's-SHA-256``, where
+HOST is the address as the client writes it (``name:port``, ``[v6]:port``).
+Blank lines and ``#`` comments are kept as they are.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "KnownHost",
+    "add_known_host",
+    "default_known_hosts",
+    "fingerprint",
+    "lookup_known_host",
+    "normalize_fingerprint",
+]
+
+
+def default_known_hosts() -> Path:
+    """``$XDG_CONFIG_HOME/tether/known_hosts``, by default ``~/.config/tether/known_hosts``."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "tether" / "known_hosts"
+
+
+def fingerprint(der: bytes) -> str:
+    """The ssh-style fingerprint of a DER certificate: ``SHA256:`` + unpadded base64."""
+    digest = hashlib.sha256(der).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def normalize_fingerprint(text: str) -> str:
+    """Accept ``SHA256:base64`` (padded or not) or 64 hex digits; return ``SHA256:base64``.
+
+    Raises:
+        ValueError: the text is neither.
+    """
+    text = text.strip()
+    body = text.removeprefix("SHA256:")
+    hex_digits = body.replace(":", "").lower()
+    if len(hex_digits) == 64 and all(c in "0123456789abcdef" for c in hex_digits):
+        raw = bytes.fromhex(hex_digits)
+    else:
+        try:
+            raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(f"{text!r} is not a SHA-256 fingerprint")
+    return "SHA256:" + base64.b64encode(raw).decode().rstrip("=")
+
+
+@dataclass(frozen=True, slots=True)
+class KnownHost:
+    host: str
+    fingerprint: str
+    line: int  # 1-based, for the message that tells which line to remove
+
+
+def lookup_known_host(path: Path, host: str) -> KnownHost | None:
+    """The pinned fingerprint of ``host`` in ``path``, if there is one."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if len(fields) >= 2 and not fields[0].startswith("#") and fields[0] == host:
+            return KnownHost(host, fields[1], number)
+    return None
+
+
+def add_known_host(path: Path, host: str, print_: str) -> None:
+    """Pin ``host`` to fingerprint ``print_`` (appending a line; the file is 0600)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(f"{host} {print_}\n")
