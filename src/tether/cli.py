@@ -218,6 +218,13 @@ def cli() -> None:
     "--max-execs-per-connection", type=click.IntRange(min=1), default=64, show_default=True
 )
 @click.option(
+    "--max-auth-failures",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Failed hellos from one address in a minute before it is blocked for a minute.",
+)
+@click.option(
     "--max-execs",
     type=click.IntRange(min=1),
     default=256,
@@ -263,6 +270,7 @@ def serve(
     max_unauthenticated: int,
     idle_timeout: float,
     max_execs_per_connection: int,
+    max_auth_failures: int,
     max_execs: int,
     cert: str | None,
     key: str | None,
@@ -310,6 +318,7 @@ def serve(
         idle_timeout=idle_timeout,
         max_execs_per_connection=max_execs_per_connection,
         max_execs=max_execs,
+        max_auth_failures=max_auth_failures,
         token=token,
         hosts=list(hosts) or ["127.0.0.1"],
         port=tether.DEFAULT_PORT if port is None else port,
