@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from ..audit import AuditLog
-from ..auth import Authenticator, AuthFailure
+from ..auth import Authenticator, AuthFailure, FailureLimiter
 from ..exceptions import ConnectionClosed, RemoteError, TransferError, UsageError
 from ..limits import DEFAULT_PORT, HELLO_TIMEOUT, PROTOCOL_VERSION, Limits
 from ..messages import (
@@ -88,6 +88,7 @@ class ServerConfig:
     idle_timeout: float = 300.0  # seconds an authenticated connection may do nothing
     max_execs_per_connection: int = 64
     max_execs: int = 256  # on the whole agent
+    max_auth_failures: int = 10  # failed hellos per address per minute before a block
     audit_log: str | None = None  # JSON lines file (also logged at info level)
 
 
@@ -554,7 +555,9 @@ class Server:
         self.policy = ExecPolicy(config.allow_exec, tuple(config.allow))
         self.audit = AuditLog(config.audit_log)
         initial = {config.token: "default"} if config.token else {}
-        self.authenticator = Authenticator(initial)
+        self.authenticator = Authenticator(
+            initial, FailureLimiter(max_failures=config.max_auth_failures)
+        )
         self._tokens_mtime: int | None = None
         if config.tokens_file is not None and os.path.lexists(config.tokens_file):
             # Refuse to start on an unsafe or malformed file, not later.
