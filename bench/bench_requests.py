@@ -146,6 +146,9 @@ def start_agent(tmp: Path) -> tuple[subprocess.Popen[bytes], int, str]:
                 "--port",
                 "0",
                 "--no-udp",
+                # Plaintext, as the peers it is compared with; TLS figures
+                # are the performance issue's to add.
+                "--insecure-plaintext",
                 "--state-dir",
                 str(tmp / "state"),
                 "--root",
@@ -264,7 +267,9 @@ async def measure(agent_port: int, token: str, peer_port: int, runs: int) -> lis
             raise AssertionError(f"true exited {proc.returncode}")
 
     rows = []
-    async with tether.connect(f"127.0.0.1:{agent_port}", token=token) as conn:
+    async with tether.connect(
+        f"127.0.0.1:{agent_port}", token=token, insecure_plaintext=True
+    ) as conn:
 
         async def tether_echo() -> None:
             if await conn.echo(PAYLOAD) != PAYLOAD:

@@ -219,6 +219,9 @@ def start_agent(tmp: Path, root: Path) -> tuple[subprocess.Popen[bytes], int, st
                 "--port",
                 "0",
                 "--no-udp",
+                # Plaintext, as the peers it is compared with; TLS figures
+                # are the performance issue's to add.
+                "--insecure-plaintext",
                 "--state-dir",
                 str(tmp / "state"),
                 "--root",
@@ -316,7 +319,9 @@ async def measure(setup: Setup, runs: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"put": [], "get": [], "raw": [], "socat": []}
     digests: set[str] = set()
 
-    async with tether.connect(f"127.0.0.1:{setup.port}", token=setup.token) as conn:
+    async with tether.connect(
+        f"127.0.0.1:{setup.port}", token=setup.token, insecure_plaintext=True
+    ) as conn:
 
         async def put() -> float:
             started = time.perf_counter()

@@ -43,7 +43,7 @@ AGENT_PID=$!
 
 PORT=""
 for _ in $(seq 100); do # up to ~10 s
-    PORT=$(sed -n 's/^tether: listening on tcp 127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$LOG" | head -n 1)
+    PORT=$(sed -n 's/^tether: listening on t[cl][ps] 127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$LOG" | head -n 1)
     [[ -n "$PORT" ]] && break
     if ! kill -0 "$AGENT_PID" 2>/dev/null; then
         echo "demo: the agent exited before listening; its log:" >&2
@@ -60,6 +60,9 @@ fi
 cat "$LOG"
 
 HOST="127.0.0.1:$PORT"
+# Pins of agent certificates go to a known_hosts of the demo's own: a later
+# demo's agent may get the same port with a new certificate.
+export XDG_CONFIG_HOME="$TMP/config"
 TETHER_TOKEN=$(cat "$TMP/state/token")
 export TETHER_TOKEN
 echo "# the client reads the token from \$TETHER_TOKEN (here: $TMP/state/token)"
