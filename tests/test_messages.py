@@ -71,6 +71,8 @@ CLIENT_SAMPLES: list[Message] = [
     Data(13, b"\x00\xff"),
     Done(13, digest="0f" * 32),
     Cancel(13, reason="source changed"),
+    Cancel(13, keep=True),
+    Stat(9, "a-link", follow=True),
     Mkdir(14, "a/b", 0o755),
     Symlink(15, "link", "../target"),
     SetAttr(16, "a", mode=0o700, mtime_ns=1),
@@ -78,6 +80,7 @@ CLIENT_SAMPLES: list[Message] = [
 
 SERVER_SAMPLES: list[Message] = [
     HelloReply(0, 1, "agent-1", "gbk", MAX_HEADER_LEN, MAX_BODY_LEN),
+    HelloReply(0, 1, "agent-2", "utf-8", MAX_HEADER_LEN, MAX_BODY_LEN, idle_timeout=300.0),
     Stdout(4, b"\xc4\xe3\xba\xc3 GBK bytes \xff\x00"),
     Stdout(4, b""),
     Stderr(4, "警告\n".encode()),
