@@ -26,6 +26,7 @@ from .asyncio.transfer import Progress, RemoteStat, TransferResult
 from .asyncio.udp import PingReply, ping
 from .exceptions import (
     AuthenticationError,
+    CertificateError,
     ConnectError,
     ConnectionClosed,
     FrameTooLarge,
@@ -46,6 +47,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Address",
     "AuthenticationError",
+    "CertificateError",
     "CommandResult",
     "ConnectError",
     "Connection",

@@ -164,7 +164,7 @@ def cli() -> None:
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False),
-    help="Where the agent keeps its token. [default: $XDG_STATE_HOME/tether]",
+    help="The agent's token, tokens file, TLS certificate and key. [default: $XDG_STATE_HOME/tether]",
 )
 @click.option(
     "--token-file",

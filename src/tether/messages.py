@@ -99,6 +99,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_OP = "unknown_op"
     PROTOCOL_ERROR = "protocol_error"
     HELLO_TIMEOUT = "hello_timeout"
+    IDLE_TIMEOUT = "idle_timeout"
     # Request errors: the frame carries the request's id; the connection goes on.
     BAD_REQUEST = "bad_request"
     NOT_FOUND = "not_found"
@@ -107,7 +108,6 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
-    IDLE_TIMEOUT = "idle_timeout"
     PATH_OUTSIDE_ROOT = "path_outside_root"
     IS_A_DIRECTORY = "is_a_directory"
     NOT_A_DIRECTORY = "not_a_directory"

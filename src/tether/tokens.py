@@ -96,10 +96,15 @@ TOKENS_FILE_NAME = "tokens"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.@-")
 
 
+RESERVED_NAME = "default"  # the identity of the agent's own token
+
+
 def check_token_name(name: str) -> None:
-    """Raises UsageError unless ``name`` is 1-64 of ``[A-Za-z0-9_.@-]``."""
+    """Raises UsageError unless ``name`` is 1-64 of ``[A-Za-z0-9_.@-]``, not ``default``."""
     if not 0 < len(name) <= 64 or not set(name) <= _NAME_CHARS:
         raise UsageError(f"bad token name {name!r}: use 1-64 of A-Z a-z 0-9 _ . @ -")
+    if name == RESERVED_NAME:
+        raise UsageError(f"{RESERVED_NAME!r} is the agent's own token; pick another name")
 
 
 def load_tokens(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -664,7 +664,7 @@ async def _open_connection(
                 )
             if use_tls:
                 seen = _peer_fingerprint(wire)
-                if trust.cacert is None:
+                if pinned is not None or trust.cacert is None:  # a pin holds even with a CA
                     new_host = _check_pin(address, seen, pinned, trust)
             wire.protocol.send_hello(secret)  # only now: the agent is who we think
             wire.flush()
@@ -684,6 +684,12 @@ async def _open_connection(
         _abort(wire)
         raise TimeoutError(
             f"connecting to {address} timed out after {connect_timeout:g}s", seconds=connect_timeout
+        ) from None
+    except ssl.SSLCertVerificationError as exc:
+        _abort(wire)
+        raise CertificateError(
+            f"cannot connect to {address}: its certificate is not trusted by --cacert "
+            f"({exc.verify_message or exc.reason})"
         ) from None
     except ssl.SSLError as exc:
         _abort(wire)

@@ -292,6 +292,9 @@ class ServerConnection(asyncio.Protocol):
                 self._close()
 
     def _close(self) -> None:
+        # Its --max-unauthenticated slot is free now, not when a TLS peer that
+        # never reads finally lets the close complete.
+        self.server.unauthenticated.discard(self)
         self._flush()
         if self.transport is not None:
             self.transport.close()
