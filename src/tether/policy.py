@@ -6,7 +6,12 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ExecPolicy"]
+__all__ = ["LOADER_VARIABLES", "ExecPolicy"]
+
+# Environment variables that make an allowed program load or run other code.
+LOADER_VARIABLES = (
+    *("LD_*", "GCONV_PATH", "BASH_ENV", "ENV", "PYTHON*", "PERL5*", "RUBYOPT", "NODE_OPTIONS"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +41,16 @@ class ExecPolicy:
             elif "/" not in program and fnmatch.fnmatchcase(program, pattern):
                 return None
         return f"{program} is not allowed on this agent"
+
+    def env_refusal(self, names: Sequence[str]) -> str | None:
+        """Why these client environment variables may not be set.
+
+        With an allow-list, variables that make a program load other code
+        (``LD_PRELOAD``...) would let any code run inside an allowed program.
+        """
+        if not self.allow:
+            return None
+        for name in names:
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in LOADER_VARIABLES):
+                return f"{name} may not be set on this agent (it has an --allow list)"
+        return None

@@ -107,7 +107,10 @@ class ServerConnection(asyncio.Protocol):
     """One client connection: its protocol state, its running requests."""
 
     def __init__(self, server: Server) -> None:
+        # Made at accept time, before a TLS handshake: from now on this
+        # connection counts as unauthenticated.
         self.server = server
+        server.handshaking[self] = time.monotonic()
         self.protocol = ServerProtocol(server.config.limits)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -143,11 +146,12 @@ class ServerConnection(asyncio.Protocol):
             _enable_keepalive(sock)
             self.address_key = str(peer[0])
         server = self.server
+        server.handshaking.pop(self, None)
         server.connections.add(self)
         server.audit.record(
             "connect", peer=self.peer, tls=transport.get_extra_info("ssl_object") is not None
         )
-        if len(server.unauthenticated) >= server.config.max_unauthenticated:
+        if server.authenticating() > server.config.max_unauthenticated:
             # Authenticated clients keep working; strangers wait their turn.
             self.protocol.fail(
                 ErrorCode.BUSY, "too many connections are authenticating; retry later"
@@ -490,7 +494,9 @@ async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
     # Looked up in the agent's own PATH: a client's PATH must not pick the binary.
     resolved = shutil.which(program, path=os.environ.get("PATH", os.defpath))
     resolved = os.path.abspath(resolved) if resolved is not None else None
-    refusal = server.policy.refusal(program, resolved)
+    refusal = server.policy.refusal(program, resolved) or server.policy.env_refusal(
+        sorted(request.env or {})
+    )
     if refusal is not None:
         raise RemoteError(ErrorCode.FORBIDDEN, refusal)
     if config.allow and request.argv is not None and resolved is not None:
@@ -554,6 +560,9 @@ class Server:
         self._stop = asyncio.Event()
         self._unix_bound: str | None = None
         self.unauthenticated: set[ServerConnection] = set()
+        # Accepted, TLS handshake not done: a failed handshake never reaches
+        # the connection, so entries expire after the handshake timeout.
+        self.handshaking: dict[ServerConnection, float] = {}
         self.execs = 0
         self.policy = ExecPolicy(config.allow_exec, tuple(config.allow))
         self.audit = AuditLog(config.audit_log)
@@ -592,6 +601,13 @@ class Server:
                 log.error("%s; keeping the tokens loaded before", exc)
                 return
         self.authenticator.tokens = tokens
+
+    def authenticating(self) -> int:
+        """Connections not yet authenticated, including this one and TLS handshakes."""
+        expired = time.monotonic() - self.config.hello_timeout
+        for conn in [c for c, since in self.handshaking.items() if since < expired]:
+            del self.handshaking[conn]
+        return len(self.unauthenticated) + len(self.handshaking) + 1
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Keep ``task`` alive, and wait for it before the agent exits."""
