@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-LISTEN_RE = re.compile(r"listening on (tcp|udp|unix) (\S+)")
+LISTEN_RE = re.compile(r"listening on (tls|tcp|udp|unix) (\S+)")
+FINGERPRINT_RE = re.compile(r"certificate fingerprint (SHA256:\S+)")
 START_TIMEOUT = 15.0  # seconds for an agent to print its addresses
 
 
@@ -35,8 +36,20 @@ class Agent:
 
     @property
     def host(self) -> str:
-        """The first TCP address, as ``127.0.0.1:PORT`` or ``[::1]:PORT``."""
-        return self.addresses["tcp"][0]
+        """The first TCP address (TLS unless --insecure-plaintext), as
+        ``127.0.0.1:PORT`` or ``[::1]:PORT``."""
+        return (self.addresses.get("tls") or self.addresses["tcp"])[0]
+
+    @property
+    def tls(self) -> bool:
+        return "tls" in self.addresses
+
+    @property
+    def fingerprint(self) -> str:
+        """The certificate fingerprint the agent printed at start (TLS agents only)."""
+        printed = FINGERPRINT_RE.search(self.log())
+        assert printed, self.log()
+        return printed.group(1)
 
     @property
     def port(self) -> int:
@@ -85,7 +98,7 @@ def start_agent(tmp: Path, *args: str, name: str = "agent", unix: bool = False) 
         if (
             addresses
             and (not unix or "unix" in addresses)
-            and ("--no-tcp" in args or "tcp" in addresses)
+            and ("--no-tcp" in args or "tcp" in addresses or "tls" in addresses)
         ):
             break
         if proc.poll() is not None:
@@ -95,13 +108,47 @@ def start_agent(tmp: Path, *args: str, name: str = "agent", unix: bool = False) 
         proc.kill()
         raise RuntimeError(f"agent did not start:\n{log_path.read_text()}")
     token = (state / "token").read_text().strip() if (state / "token").exists() else ""
+    printed = FINGERPRINT_RE.search(log_path.read_text(errors="replace"))
+    if printed:
+        # As a user who pinned the fingerprint the agent printed: clients of
+        # this agent see no trust-on-first-use notice (tested on its own).
+        for address in addresses.get("tls", []):
+            pin_known_host(address, printed.group(1))
     return Agent(proc, log_path, token, root, state, addresses)
+
+
+def known_hosts_path() -> Path:
+    return Path(os.environ["XDG_CONFIG_HOME"]) / "tether" / "known_hosts"
+
+
+def pin_known_host(address: str, fingerprint: str) -> None:
+    """Pin ``address`` in this test's known_hosts, replacing an older pin."""
+    path = known_hosts_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = path.read_text().splitlines() if path.exists() else []
+    lines = [line for line in lines if line.split()[:1] != [address]]
+    path.write_text("".join(f"{line}\n" for line in [*lines, f"{address} {fingerprint}"]))
 
 
 def check_clean_log(agent: Agent) -> None:
     """Fail if the agent logged a crash (a traceback) rather than a handled error."""
     text = agent.log()
     assert "Traceback" not in text, text
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_config_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Agent certificates are pinned in a known_hosts of the test session, never
+    the user's. Every agent start re-pins its address (ports are reused by
+    agents with new certificates), so clients see no man-in-the-middle."""
+    config = tmp_path_factory.mktemp("xdg-config")
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(config)
+    yield config
+    if old is None:
+        del os.environ["XDG_CONFIG_HOME"]
+    else:
+        os.environ["XDG_CONFIG_HOME"] = old
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ import blake3
 import pytest
 
 import tether
-from conftest import Agent, Cli, check_clean_log, start_agent
+from conftest import Agent, Cli, check_clean_log, pin_known_host, start_agent
 
 MiB = 1024 * 1024
 CHUNK = MiB  # bytes per data frame (fileio.CHUNK_SIZE): sizes around it matter
@@ -46,6 +46,7 @@ BIG_SIZE = 400_000_000  # bytes: the file the kill tests interrupt
 KILL_AT = 32 * MiB  # bytes in the partial file before the kill
 KILL_RATE = 64e6  # bytes/s through the proxy while waiting to kill: ~6 s for BIG_SIZE
 RESUME_SLACK = MiB  # protocol bytes a resume may add to the missing bytes (headers, hello)
+TLS_OVERHEAD = 0.002  # and TLS per byte: 22 bytes of each record of up to 16 KiB, ~0.13%
 WAIT = 30.0  # seconds any single wait in these tests may take
 PART = ".tether-part"
 
@@ -184,6 +185,11 @@ def free_port() -> int:
     return port
 
 
+def resume_bound(missing: int) -> int:
+    """The most a resume may move to send ``missing`` bytes of the file."""
+    return missing + RESUME_SLACK + int(missing * TLS_OVERHEAD)
+
+
 def kill_and_reap(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
     if proc.poll() is None:
         proc.kill()
@@ -212,13 +218,17 @@ class Proxy:
 
     ``rate`` is bytes per second in each direction (None: full speed). The
     relay runs its own event loop in a thread; leaving the ``with`` block
-    closes every connection and joins the thread.
+    closes every connection and joins the thread. It relays TLS untouched, so
+    its address is pinned to the agent's certificate, as a user who knows the
+    relay would pin it (no trust-on-first-use notice, no stale pin of an
+    earlier relay on the same port).
     """
 
     READ = 64 * 1024  # bytes per read: small steps keep the rate smooth
 
-    def __init__(self, target_port: int, rate: float | None = None) -> None:
-        self.target_port = target_port
+    def __init__(self, agent: Agent, rate: float | None = None) -> None:
+        self.agent = agent
+        self.target_port = agent.port
         self.rate = rate
         self.up = 0  # bytes client -> agent
         self.down = 0  # bytes agent -> client
@@ -238,6 +248,8 @@ class Proxy:
         self._thread.start()
         if not self._ready.wait(10) or not self.port:
             raise RuntimeError("the proxy did not start")
+        if self.agent.tls:
+            pin_known_host(self.host, self.agent.fingerprint)
         return self
 
     def __exit__(
@@ -950,7 +962,7 @@ def test_cp_and_ls_with_the_server_down_exit_255(tether_cli: type[Cli], tmp_path
 def test_kill_cli_mid_put_then_resume(agent: Agent, big_file: Path) -> None:
     dest = agent.root / "big"
     part = agent.root / f".big{PART}"
-    with Proxy(agent.port, rate=KILL_RATE) as slow:
+    with Proxy(agent, rate=KILL_RATE) as slow:
         proc = spawn_cli(["cp", big_file, f"{slow.host}:big"], env=agent.env)
         try:
             wait_for(lambda: size_of(part) >= KILL_AT or proc.poll() is not None, "the partial")
@@ -963,13 +975,13 @@ def test_kill_cli_mid_put_then_resume(agent: Agent, big_file: Path) -> None:
     have = size_of(part)
     assert 0 < have < BIG_SIZE
     assert not dest.exists()
-    with Proxy(agent.port) as counted:
+    with Proxy(agent) as counted:
         done = run_cli(["cp", "--resume", big_file, f"{counted.host}:big"], env=agent.env)
     assert_silent_success(done)
     assert_same_file(dest, big_file)
     assert not part.exists()
     # Only the missing bytes travelled.
-    assert BIG_SIZE - have <= counted.up <= BIG_SIZE - have + RESUME_SLACK
+    assert BIG_SIZE - have <= counted.up <= resume_bound(BIG_SIZE - have)
 
 
 @pytest.mark.slow
@@ -979,7 +991,7 @@ def test_kill_cli_mid_get_then_resume(agent: Agent, big_file: Path, tmp_path: Pa
     out.mkdir()
     dest = out / "big"
     part = out / f".big{PART}"
-    with Proxy(agent.port, rate=KILL_RATE) as slow:
+    with Proxy(agent, rate=KILL_RATE) as slow:
         proc = spawn_cli(["cp", f"{slow.host}:big", out], env=agent.env)
         try:
             wait_for(lambda: size_of(part) >= KILL_AT or proc.poll() is not None, "the partial")
@@ -991,12 +1003,12 @@ def test_kill_cli_mid_get_then_resume(agent: Agent, big_file: Path, tmp_path: Pa
     have = size_of(part)
     assert 0 < have < BIG_SIZE
     assert not dest.exists()
-    with Proxy(agent.port) as counted:
+    with Proxy(agent) as counted:
         done = run_cli(["cp", "--resume", f"{counted.host}:big", out], env=agent.env)
     assert_silent_success(done)
     assert_same_file(dest, big_file)
     assert partials(out) == []
-    assert BIG_SIZE - have <= counted.down <= BIG_SIZE - have + RESUME_SLACK
+    assert BIG_SIZE - have <= counted.down <= resume_bound(BIG_SIZE - have)
 
 
 # 7. Progress bars on a terminal ---------------------------------------------------------
@@ -1074,7 +1086,7 @@ PROGRESS = re.compile(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?) MB")
 def test_progress_bar_on_a_terminal(agent: Agent, tmux: Tmux, tmp_path: Path) -> None:
     source = tmp_path / "progress-demo.bin"
     write_random(source, 32 * MiB)
-    with Proxy(agent.port, rate=16e6) as slow:  # ~2 s
+    with Proxy(agent, rate=16e6) as slow:  # ~2 s
         during, final = run_in_terminal(
             tmux, agent, tmp_path, ["cp", str(source), f"{slow.host}:copy.bin"]
         )
@@ -1104,7 +1116,7 @@ def test_progress_bars_for_a_tree_show_each_file_and_a_total(
     top.mkdir()
     write_random(top / "first.bin", 12 * MiB)
     write_random(top / "second.bin", 12 * MiB)
-    with Proxy(agent.port, rate=16e6) as slow:
+    with Proxy(agent, rate=16e6) as slow:
         during, final = run_in_terminal(
             tmux, agent, tmp_path, ["cp", "-r", str(top), f"{slow.host}:bars"]
         )
@@ -1119,7 +1131,7 @@ def test_progress_bars_for_a_tree_show_each_file_and_a_total(
 def test_no_progress_bar_with_q_on_a_terminal(agent: Agent, tmux: Tmux, tmp_path: Path) -> None:
     source = tmp_path / "quiet-demo.bin"
     write_random(source, 24 * MiB)
-    with Proxy(agent.port, rate=16e6) as slow:
+    with Proxy(agent, rate=16e6) as slow:
         during, final = run_in_terminal(
             tmux, agent, tmp_path, ["cp", "-q", str(source), f"{slow.host}:copy.bin"]
         )
@@ -1140,7 +1152,7 @@ def test_kill_agent_mid_put_then_resume_on_a_new_agent(big_file: Path, tmp_path:
     dest = first.root / "big"
     part = first.root / f".big{PART}"
     try:
-        with Proxy(first.port, rate=KILL_RATE) as slow:
+        with Proxy(first, rate=KILL_RATE) as slow:
             proc = spawn_cli(["cp", big_file, f"{slow.host}:big"], env=first.env)
             try:
                 wait_for(lambda: size_of(part) >= KILL_AT or proc.poll() is not None, "partial")
@@ -1164,12 +1176,12 @@ def test_kill_agent_mid_put_then_resume_on_a_new_agent(big_file: Path, tmp_path:
     second = start_agent(tmp_path, name="victim")  # same root, same token
     try:
         assert second.root == first.root
-        with Proxy(second.port) as counted:
+        with Proxy(second) as counted:
             done = run_cli(["cp", "--resume", big_file, f"{counted.host}:big"], env=second.env)
         assert_silent_success(done)
         assert_same_file(dest, big_file)
         assert not part.exists()
-        assert BIG_SIZE - have <= counted.up <= BIG_SIZE - have + RESUME_SLACK
+        assert BIG_SIZE - have <= counted.up <= resume_bound(BIG_SIZE - have)
     finally:
         second.stop()
         check_clean_log(second)

@@ -43,8 +43,16 @@ ProgressCall = tuple[str, int, int]
 def connect(
     agent: Agent, port: int | None = None
 ) -> contextlib.AbstractAsyncContextManager[tether.Connection]:
-    host = agent.host if port is None else f"127.0.0.1:{port}"
-    return tether.connect(host, token=agent.token)
+    """A connection to ``agent``, or through a relay on ``port`` to it.
+
+    Through a relay the client pins the agent's own certificate (the relay
+    only forwards bytes), not whatever an earlier relay on that port was.
+    """
+    if port is None:
+        return tether.connect(agent.host, token=agent.token, insecure_plaintext=not agent.tls)
+    if not agent.tls:
+        return tether.connect(f"127.0.0.1:{port}", token=agent.token, insecure_plaintext=True)
+    return tether.connect(f"127.0.0.1:{port}", token=agent.token, fingerprint=agent.fingerprint)
 
 
 def write_random(path: Path, size: int, block: int = 4 * MiB) -> None:
@@ -501,17 +509,46 @@ async def test_failed_put_tree_is_clear_and_creates_nothing(agent: Agent, tmp_pa
 
 # 5 and 6. Integrity: one flipped bit in transit, the old destination kept --------------
 
+FLIP_AT = 200_000 + 4321  # stream offset of the flipped bit: well inside the file's data
+
+
+@pytest.fixture
+def plain_agent(tmp_path: Path) -> Iterator[Agent]:
+    """An agent on plain TCP: a flipped bit reaches tether's own checksum, not
+    TLS's record MAC, which would catch it first (see the TLS tests below)."""
+    a = start_agent(tmp_path, "--insecure-plaintext", name="plain")
+    try:
+        assert not a.tls, a.addresses
+        yield a
+    finally:
+        a.stop()
+        check_clean_log(a)
+
+
+@pytest.fixture(params=["tls", "plaintext"])
+def any_agent(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Agent]:
+    """The default TLS agent, then a plain TCP one."""
+    args = ["--insecure-plaintext"] if request.param == "plaintext" else []
+    a = start_agent(tmp_path, *args, name=request.param)
+    try:
+        assert a.tls == (request.param == "tls"), a.addresses
+        yield a
+    finally:
+        a.stop()
+        check_clean_log(a)
+
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
 async def test_bit_flip_during_put_is_checksum_mismatch(
-    agent: Agent, tmp_path: Path, existing: bool
+    plain_agent: Agent, tmp_path: Path, existing: bool
 ) -> None:
+    agent = plain_agent
     local = tmp_path / "src.bin"
     write_random(local, 3 * MiB)
     dest = agent.root / "dest.bin"
     if existing:
         dest.write_bytes(b"previous content")
-    async with BitFlipProxy(agent.port, up=200_000 + 4321) as proxy:
+    async with BitFlipProxy(agent.port, up=FLIP_AT) as proxy:
         async with connect(agent, proxy.port) as conn:
             with pytest.raises(tether.RemoteError) as info:
                 await conn.put(local, "dest.bin")
@@ -528,15 +565,16 @@ async def test_bit_flip_during_put_is_checksum_mismatch(
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
 async def test_bit_flip_during_get_is_checksum_mismatch(
-    agent: Agent, tmp_path: Path, existing: bool
+    plain_agent: Agent, tmp_path: Path, existing: bool
 ) -> None:
+    agent = plain_agent
     write_random(agent.root / "src.bin", 3 * MiB)
     local_dir = tmp_path / "local"
     local_dir.mkdir()
     dest = local_dir / "dest.bin"
     if existing:
         dest.write_bytes(b"previous content")
-    async with BitFlipProxy(agent.port, down=200_000 + 4321) as proxy:
+    async with BitFlipProxy(agent.port, down=FLIP_AT) as proxy:
         async with connect(agent, proxy.port) as conn:
             with pytest.raises(tether.TransferError) as info:
                 await conn.get("src.bin", dest)
@@ -550,8 +588,75 @@ async def test_bit_flip_during_get_is_checksum_mismatch(
     assert os.listdir(local_dir) == (["dest.bin"] if existing else [])
 
 
-async def test_proxy_without_a_flip_delivers_intact(agent: Agent, tmp_path: Path) -> None:
-    """The control for the two tests above: the relay itself corrupts nothing."""
+def assert_only_true_prefixes(found: list[str], source: bytes) -> None:
+    """Every partial file left behind holds a prefix of ``source``, short of the
+    flipped bit: TLS let no corrupted byte through to the disk."""
+    for path in found:
+        data = Path(path).read_bytes()
+        assert len(data) <= FLIP_AT, (path, len(data))
+        assert data == source[: len(data)], path
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+async def test_bit_flip_inside_tls_during_put_fails_and_writes_nothing(
+    agent: Agent, tmp_path: Path, existing: bool
+) -> None:
+    """Over TLS a flipped bit breaks a record's MAC: the agent drops the
+    connection before the bit reaches a file, and the transfer fails."""
+    assert agent.tls
+    local = tmp_path / "src.bin"
+    write_random(local, 3 * MiB)
+    dest = agent.root / "dest.bin"
+    if existing:
+        dest.write_bytes(b"previous content")
+    async with BitFlipProxy(agent.port, up=FLIP_AT) as proxy:
+        async with connect(agent, proxy.port) as conn:
+            # Not checksum_mismatch: the connection is gone before tether's own check.
+            with pytest.raises(tether.ConnectionClosed):
+                await conn.put(local, "dest.bin")
+        assert proxy.flipped == ["up"]
+    if existing:
+        assert dest.read_bytes() == b"previous content"
+    else:
+        assert not dest.exists()
+    assert_only_true_prefixes(partials(agent.root), local.read_bytes())
+    async with connect(agent) as conn:  # the agent goes on serving
+        assert await conn.echo("after the flip") == "after the flip"
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+async def test_bit_flip_inside_tls_during_get_fails_and_writes_nothing(
+    agent: Agent, tmp_path: Path, existing: bool
+) -> None:
+    assert agent.tls
+    write_random(agent.root / "src.bin", 3 * MiB)
+    local_dir = tmp_path / "local"
+    local_dir.mkdir()
+    dest = local_dir / "dest.bin"
+    if existing:
+        dest.write_bytes(b"previous content")
+    async with BitFlipProxy(agent.port, down=FLIP_AT) as proxy:
+        async with connect(agent, proxy.port) as conn:
+            with pytest.raises(tether.ConnectionClosed) as info:
+                await conn.get("src.bin", dest)
+            assert "bad record mac" in str(info.value).lower(), info.value  # TLS caught it
+        assert proxy.flipped == ["down"]
+    if existing:
+        assert dest.read_bytes() == b"previous content"
+    else:
+        assert not dest.exists()
+    left = [name for name in os.listdir(local_dir) if name != "dest.bin"]
+    assert_only_true_prefixes(
+        [str(local_dir / name) for name in left], (agent.root / "src.bin").read_bytes()
+    )
+    assert all(name.endswith(".tether-part") for name in left), left
+    async with connect(agent) as conn:
+        assert await conn.echo("after the flip") == "after the flip"
+
+
+async def test_proxy_without_a_flip_delivers_intact(any_agent: Agent, tmp_path: Path) -> None:
+    """The control for the tests above: the relay itself corrupts nothing."""
+    agent = any_agent
     local = tmp_path / "src.bin"
     write_random(local, 3 * MiB)
     async with BitFlipProxy(agent.port) as proxy, connect(agent, proxy.port) as conn:
@@ -1130,6 +1235,10 @@ async def test_get_interrupted_keeps_partial_then_resumes(
                 await task
             await closing[0]
 
+    # A chunk already being written in a thread when the get was interrupted
+    # lands after it (fileio._ThreadedFile); the partial is final once that
+    # write is done and its lock released, as the put test waits for the agent.
+    assert await eventually(lambda: unlocked(part), 30)
     kept = os.path.getsize(part)
     assert 16 * MiB <= kept < LARGE
     assert not dest.exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -113,8 +114,14 @@ def test_agent_holds_back_for_a_slow_reader(agent: Agent, tmp_path: Path) -> Non
     """A client that reads a 1 GiB get slowly must not make the agent buffer the file."""
     make_big_file(agent.root / "slow.bin", GiB)
     baseline = rss(agent.proc.pid)
-    with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    # TLS as any client speaks it to this agent (the certificate is checked elsewhere).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    assert agent.tls, agent.addresses
+    plain = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+    plain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    with context.wrap_socket(plain) as sock:
         sock.sendall(
             encode_frame(
                 {"op": "hello", "id": 0, "version": PROTOCOL_VERSION, "token": agent.token}

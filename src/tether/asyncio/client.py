@@ -165,18 +165,26 @@ class _ClientConnection(asyncio.Protocol):
         body = getattr(msg, "body", b"")
         if body:
             self._unread += len(body)
-            if self._unread > READ_HIGH_WATER and not self._reading_paused and self.transport:
+            paused = self._reading_paused
+            if self._unread > READ_HIGH_WATER and not paused and (transport := self._live()):
                 self._reading_paused = True
-                self.transport.pause_reading()
+                transport.pause_reading()
 
     def consumed(self, msg: Message) -> None:
         """A queued message was taken by its reader."""
         body = getattr(msg, "body", b"")
         if body:
             self._unread -= len(body)
-            if self._reading_paused and self._unread < READ_LOW_WATER and self.transport:
+            if self._reading_paused and self._unread < READ_LOW_WATER:
                 self._reading_paused = False
-                self.transport.resume_reading()
+                if transport := self._live():
+                    transport.resume_reading()
+
+    def _live(self) -> asyncio.Transport | None:
+        # A closing transport must not be paused, resumed or closed again
+        # (asyncio's SSL transport has dropped its protocol by then).
+        transport = self.transport
+        return transport if transport is not None and not transport.is_closing() else None
 
     def _fail(self, error: Exception) -> None:
         if self.error is None:
@@ -187,8 +195,8 @@ class _ClientConnection(asyncio.Protocol):
         for queue in self.queues.values():
             queue.put_nowait(_Closed(self.error))
         self._writable.set()
-        if self.transport is not None:
-            self.transport.close()
+        if transport := self._live():
+            transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f": {exc}" if exc else ""

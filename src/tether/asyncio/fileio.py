@@ -105,6 +105,11 @@ class _ThreadedFile:
         self._busy = future
         return await future
 
+    async def settle(self) -> None:
+        """Wait for a thread still working on this file (after a cancellation)."""
+        if self._busy is not None and not self._busy.done():
+            await asyncio.wait([self._busy])
+
     def close(self) -> None:
         if self._closed:
             return

@@ -196,6 +196,7 @@ async def get_file(
         )
     except (ConnectionClosed, asyncio.CancelledError):
         keep = True  # interrupted: the bytes so far stay for --resume
+        await partial.settle()  # and are all on disk, unlocked, when we return
         raise
     finally:
         if request_id is not None:
