@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
-import platform
 import signal
 import socket
 import statistics
@@ -33,12 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import cast
 
-T = TypeVar("T")
+# Run as ``python bench/bench_requests.py``: ``bench/`` is on sys.path, so this imports
+# bench/common.py.
+import common
 
 PAYLOAD = b"x" * 64  # bytes per echo
 ECHO_N = 2000  # echo round trips per run
@@ -46,32 +46,26 @@ ECHO_CONCURRENCY = 100  # echoes in flight in the concurrent row
 EXEC_N = 200  # commands per run
 EXEC_CONCURRENCY = 20  # commands in flight in the concurrent row
 RUN_TIMEOUT = 120.0  # seconds one run may take before the benchmark gives up
-START_TIMEOUT = 15.0  # seconds for a server process to report its port
 LENGTH = struct.Struct(">I")  # the peer's frame prefix
-
-
-def run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` on uvloop when it is importable: the policy tether uses."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 # The peer: a minimal length-prefixed echo server and a pipelining client ------------
 
 
-class PeerEchoServer(asyncio.Protocol):
-    """Echoes each ``u32 length | payload`` frame back as it is."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
+class NoDelayProtocol(asyncio.Protocol):
+    """Keeps the transport and turns Nagle's algorithm off, as tether does."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class PeerEchoServer(NoDelayProtocol):
+    """Echoes each ``u32 length | payload`` frame back as it is."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -86,17 +80,12 @@ class PeerEchoServer(asyncio.Protocol):
             del self.buffer[:end]
 
 
-class PeerEchoClient(asyncio.Protocol):
+class PeerEchoClient(NoDelayProtocol):
     """Sends frames and matches replies in order (the peer has no request ids)."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
         self.waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -130,72 +119,14 @@ async def serve_peer_echo() -> None:
     server.close()
 
 
-# Server processes ---------------------------------------------------------------------
-
-
-def start_agent(tmp: Path) -> tuple[subprocess.Popen[bytes], int, str]:
-    """Start ``python -m tether serve --port 0``; return it, its port and token."""
-    log = tmp / "agent.log"
-    with log.open("wb") as stderr:
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tether",
-                "serve",
-                "--port",
-                "0",
-                "--no-udp",
-                # Plaintext, as the peers it is compared with; TLS figures
-                # are the performance issue's to add.
-                "--insecure-plaintext",
-                "--state-dir",
-                str(tmp / "state"),
-                "--root",
-                str(tmp),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    prefix = "tether: listening on tcp 127.0.0.1:"
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith(prefix):
-                token = (tmp / "state" / "token").read_text().strip()
-                return agent, int(line[len(prefix) :]), token
-        if agent.poll() is not None:
-            break
-        time.sleep(0.05)
-    stop_process(agent)
-    raise SystemExit(f"the agent did not start; its log:\n{log.read_text(errors='replace')}")
+# The peer's process -------------------------------------------------------------------
 
 
 def start_peer_echo() -> tuple[subprocess.Popen[bytes], int]:
     """Start this script as the peer echo server; return it and its port."""
-    peer = subprocess.Popen(
-        [sys.executable, __file__, "--peer-echo-server"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+    return common.start_port_server(
+        [sys.executable, __file__, "--peer-echo-server"], "peer echo server"
     )
-    assert peer.stdout is not None
-    line = peer.stdout.readline()  # the server prints its port first thing
-    if not line.strip().isdigit():
-        stop_process(peer)
-        raise SystemExit("the peer echo server did not start")
-    return peer, int(line)
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within 15 s."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # Measuring ----------------------------------------------------------------------------
@@ -320,39 +251,8 @@ def print_table(rows: list[Row], runs: int) -> None:
         )
         for r in rows
     ]
-    widths = [max(len(x) for x in column) for column in zip(header, *lines, strict=True)]
-    right = {1, 2, 4, 5}
-
-    def fmt(cells: tuple[str, ...]) -> str:
-        padded = [
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "| " + " | ".join(padded) + " |"
-
-    print(fmt(header))
-    rule = ["-" * (w + 1) + ":" if i in right else "-" * (w + 2) for i, w in enumerate(widths)]
-    print("|" + "|".join(rule) + "|")
-    for line in lines:
-        print(fmt(line))
+    common.print_markdown_table(header, lines, right={1, 2, 4, 5})
     print(f"\nmedians of {runs} runs; ops per second; higher is better")
-
-
-def describe_machine() -> str:
-    try:
-        from importlib.metadata import version
-
-        import uvloop  # noqa: F401
-
-        loop = f"uvloop {version('uvloop')}"
-    except ImportError:
-        loop = "asyncio default loop (no uvloop)"
-    import tether
-
-    return (
-        f"tether {tether.__version__}, Python {platform.python_version()}, {loop}, "
-        f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
-    )
 
 
 def main() -> None:
@@ -361,22 +261,22 @@ def main() -> None:
     parser.add_argument("--peer-echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer_echo_server:
-        run_loop(serve_peer_echo())
+        common.run_loop(serve_peer_echo())
         return
     if args.runs < 1:
         parser.error("--runs must be at least 1")
 
-    print(describe_machine(), flush=True)
+    print(common.describe_machine(), flush=True)
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
-        agent, agent_port, token = start_agent(Path(tmp))
+        agent, agent_port, token = common.start_agent(Path(tmp))
         try:
             peer, peer_port = start_peer_echo()
             try:
-                rows = run_loop(measure(agent_port, token, peer_port, args.runs))
+                rows = common.run_loop(measure(agent_port, token, peer_port, args.runs))
             finally:
-                stop_process(peer)
+                common.stop_process(peer)
         finally:
-            stop_process(agent)
+            common.stop_process(agent)
         log = (Path(tmp) / "agent.log").read_text(errors="replace")
     if "Traceback" in log:
         print(f"warning: the agent logged a traceback:\n{log}", file=sys.stderr)

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -45,27 +44,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import cast
 
-T = TypeVar("T")
+# Run as ``python bench/bench_transfer.py``: ``bench/`` is on sys.path, so this imports
+# bench/common.py.
+import common
 
 MiB = 1024 * 1024
 CHUNK = MiB  # bytes per write of the raw pipe (tether's chunk size too)
 RUN_TIMEOUT = 300.0  # seconds one measurement may take before the benchmark gives up
-START_TIMEOUT = 15.0  # seconds for a server process to report its port
 COUNT = struct.Struct(">Q")  # the raw receiver's acknowledgement: bytes it wrote
-
-
-def run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` on uvloop when it is importable: the policy tether uses."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 # The raw pipe: a receiver process and a sender --------------------------------------
@@ -175,7 +166,7 @@ def socat_send(socat: str, source: Path, dest: Path, size: int) -> float:
         stdin=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + common.START_TIMEOUT
         while not listening(port):
             if receiver.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the socat receiver did not start")
@@ -195,7 +186,7 @@ def socat_send(socat: str, source: Path, dest: Path, size: int) -> float:
             os.close(fd)
         elapsed = time.perf_counter() - started
     finally:
-        stop_process(receiver)
+        common.stop_process(receiver)
     if sender.returncode or receiver.returncode or dest.stat().st_size != size:
         raise SystemExit(
             f"socat failed: sender {sender.returncode}, receiver {receiver.returncode}"
@@ -206,69 +197,11 @@ def socat_send(socat: str, source: Path, dest: Path, size: int) -> float:
 # Processes ----------------------------------------------------------------------------
 
 
-def start_agent(tmp: Path, root: Path) -> tuple[subprocess.Popen[bytes], int, str]:
-    """Start ``python -m tether serve --port 0``; return it, its port and token."""
-    log = tmp / "agent.log"
-    with log.open("wb") as stderr:
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tether",
-                "serve",
-                "--port",
-                "0",
-                "--no-udp",
-                # Plaintext, as the peers it is compared with; TLS figures
-                # are the performance issue's to add.
-                "--insecure-plaintext",
-                "--state-dir",
-                str(tmp / "state"),
-                "--root",
-                str(root),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    prefix = "tether: listening on tcp 127.0.0.1:"
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith(prefix):
-                token = (tmp / "state" / "token").read_text().strip()
-                return agent, int(line[len(prefix) :]), token
-        if agent.poll() is not None:
-            break
-        time.sleep(0.05)
-    stop_process(agent)
-    raise SystemExit(f"the agent did not start; its log:\n{log.read_text(errors='replace')}")
-
-
 def start_raw_receiver(dest: Path) -> tuple[subprocess.Popen[bytes], int]:
     """Start this script as the raw pipe's receiver; return it and its port."""
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--raw-receiver", str(dest)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+    return common.start_port_server(
+        [sys.executable, __file__, "--raw-receiver", str(dest)], "raw receiver"
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # the receiver prints its port first thing
-    if not line.strip().isdigit():
-        stop_process(proc)
-        raise SystemExit("the raw receiver did not start")
-    return proc, int(line)
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within 15 s."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def peak_rss_mib(pid: int) -> float | None:
@@ -393,20 +326,7 @@ def print_table(times: dict[str, list[float]], size: int, runs: int) -> None:
         )
         for name, value in rows
     ]
-    widths = [max(len(x) for x in column) for column in zip(header, *lines, strict=True)]
-
-    def fmt(cells: tuple[str, ...]) -> str:
-        padded = [
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "| " + " | ".join(padded) + " |"
-
-    print(fmt(header))
-    rule = ["-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)]
-    print("|" + "|".join(rule) + "|")
-    for line in lines:
-        print(fmt(line))
+    common.print_markdown_table(header, lines, right={1, 2, 3})
     print(f"\nmedians of {runs} runs; MB = 10^6 bytes; higher is better; fsync included")
 
 
@@ -425,25 +345,6 @@ def file_system(directory: Path) -> str:
     return kind
 
 
-def describe_machine(directory: Path) -> str:
-    try:
-        from importlib.metadata import version
-
-        import uvloop  # noqa: F401
-
-        loop = f"uvloop {version('uvloop')}"
-    except ImportError:
-        loop = "asyncio default loop (no uvloop)"
-    import tether
-
-    fs = file_system(directory)
-    return (
-        f"tether {tether.__version__}, Python {platform.python_version()}, {loop}, "
-        f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
-        f"files on {directory} ({fs})"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs per way (median is shown)")
@@ -453,7 +354,7 @@ def main() -> None:
     parser.add_argument("--raw-receiver", metavar="DEST", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_receiver:
-        run_loop(serve_raw_receiver(args.raw_receiver))
+        common.run_loop(serve_raw_receiver(args.raw_receiver))
         return
     if args.runs < 1 or args.size < 1:
         parser.error("--runs and --size must be at least 1")
@@ -462,25 +363,25 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="tether-bench-", dir=args.dir) as name:
         tmp = Path(name)
-        print(describe_machine(tmp), flush=True)
+        print(f"{common.describe_machine()}, files on {tmp} ({file_system(tmp)})", flush=True)
         if socat is None:
             print("socat is not installed: its row is left out", file=sys.stderr)
         root = tmp / "root"
         root.mkdir()
         source = tmp / "source.bin"
         write_random(source, size)
-        agent, port, token = start_agent(tmp, root)
+        agent, port, token = common.start_agent(tmp, root)
         try:
             raw_dest = tmp / "raw.bin"
             receiver, raw_port = start_raw_receiver(raw_dest)
             try:
                 setup = Setup(tmp, source, root, port, token, raw_port, raw_dest, socat, size)
-                times = run_loop(measure(setup, args.runs))
+                times = common.run_loop(measure(setup, args.runs))
                 agent_rss = peak_rss_mib(agent.pid)
             finally:
-                stop_process(receiver)
+                common.stop_process(receiver)
         finally:
-            stop_process(agent)
+            common.stop_process(agent)
         log = (tmp / "agent.log").read_text(errors="replace")
     if "Traceback" in log:
         print(f"warning: the agent logged a traceback:\n{log}", file=sys.stderr)
