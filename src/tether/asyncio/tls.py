@@ -15,11 +15,6 @@ import socket
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from ..known_hosts import fingerprint
 
 __all__ = ["client_context", "ensure_certificate", "fingerprint_of_file", "server_context"]
@@ -35,6 +30,13 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path, bool]:
     Returns:
         The certificate path, the key path, and whether they were made now.
     """
+    # cryptography is imported here, not at the top: clients never need it,
+    # and it is a fifth of a client's start-up time.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     cert_path, key_path = state_dir / CERT_FILE, state_dir / KEY_FILE
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path, False
@@ -70,6 +72,9 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path, bool]:
 
 def fingerprint_of_file(cert_path: Path) -> str:
     """The SHA-256 fingerprint of the first certificate in a PEM file."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     return fingerprint(cert.public_bytes(serialization.Encoding.DER))
 
