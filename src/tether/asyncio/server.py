@@ -371,6 +371,10 @@ class ServerConnection(asyncio.Protocol):
                 request.id, Error(request.id, ErrorCode.SHUTTING_DOWN, "agent is stopping")
             )
             return
+        if isinstance(request, Echo):
+            # Answered on the spot: a task per echo would cost more than the echo.
+            self._finish(request.id, Ok(request.id, body=request.body))
+            return
         handler = HANDLERS[type(request)]
         task = asyncio.get_running_loop().create_task(self._run_request(handler, request))
         self.tasks[request.id] = task
@@ -483,10 +487,6 @@ def _format_peer(peer: Any) -> str:
 # Handlers: the explicit op table (docs/protocol.md §3). Nothing else dispatches.
 
 
-async def handle_echo(conn: ServerConnection, request: Echo) -> Message:
-    return Ok(request.id, body=request.body)
-
-
 async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
     server, config = conn.server, conn.server.config
     env = {**os.environ, **(request.env or {})}
@@ -537,8 +537,8 @@ def _audit_fields(request: Message) -> dict[str, Any]:
 
 CONTROLLED = (Exec, Put)  # requests that take control frames besides cancel
 
+# Echo is answered without a handler (ServerConnection._start_request).
 HANDLERS: dict[type[Message], Handler] = {
-    Echo: handle_echo,
     Exec: handle_exec,
     **FILE_HANDLERS,
 }
