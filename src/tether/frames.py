@@ -191,7 +191,14 @@ class FrameDecoder:
         if len(buf) - pos < self._body_len:
             return None
         header = self._header
-        body = bytes(buf[pos : pos + self._body_len]) if self._body_len else _EMPTY
+        if self._body_len:
+            # One copy, straight from the buffer: slicing the bytearray first
+            # would copy every body twice. The view is released at once, so
+            # the buffer can be resized again.
+            with memoryview(buf) as view:
+                body = bytes(view[pos : pos + self._body_len])
+        else:
+            body = _EMPTY
         self._pos = pos + self._body_len
         self._header = None
         return Frame(header, body)
