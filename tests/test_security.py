@@ -1083,11 +1083,14 @@ async def test_allow_list(tmp_path: Path) -> None:
                     await conn.run(**kwargs)
                 assert info.value.code == "forbidden", kwargs
                 assert "not allowed" in info.value.message
-            # A client's PATH does not choose what "echo" is: the agent's does.
+            # A client's PATH does not choose what "echo" is, nor what an
+            # allowed program runs in turn: under --allow it may not be set.
             fake_dir = tmp_path / "fakebin"
             fake_program(fake_dir, "echo", marker)
-            result = await conn.run(["echo", "real"], env={"PATH": str(fake_dir)})
-            assert (result.returncode, result.stdout) == (0, b"real\n")
+            with pytest.raises(tether.RemoteError) as info:
+                await conn.run(["echo", "real"], env={"PATH": str(fake_dir)})
+            assert info.value.code == "forbidden"
+            assert "PATH may not be set" in info.value.message
             assert await conn.echo("alive") == "alive"
         assert_not_created(marker)
         cli = await asyncio.to_thread(

@@ -500,9 +500,11 @@ async def _exec(
         proc = await conn.exec(
             argv, shell=shell, cwd=cwd, env=env, timeout=timeout, stdin=forward_stdin
         )
-        feeder = (
-            asyncio.get_running_loop().create_task(_forward_stdin(proc)) if forward_stdin else None
-        )
+        feeder = None
+        if forward_stdin:
+            feeder = asyncio.get_running_loop().create_task(_forward_stdin(proc))
+            # Its failure (the connection went away) is reported by the output loop.
+            feeder.add_done_callback(lambda t: t.cancelled() or t.exception())
         outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
         try:
             async for chunk in proc:
@@ -800,7 +802,8 @@ async def _echo(host: str, text: str, connect: dict[str, Any]) -> int:
         elapsed = time.perf_counter() - started
     if reply != text:
         _fail("echo came back different from what was sent")
-    click.echo(reply)
+    assert isinstance(reply, str)
+    _write_line(reply)  # as bytes: an argument that is not UTF-8 comes back as it went
     click.echo(f"round trip {elapsed * 1000:.3f} ms", err=True)
     return 0
 

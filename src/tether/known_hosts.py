@@ -66,7 +66,7 @@ class KnownHost:
 def lookup_known_host(path: Path, host: str) -> KnownHost | None:
     """The pinned fingerprint of ``host`` in ``path``, if there is one."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return None
     for number, line in enumerate(text.splitlines(), 1):

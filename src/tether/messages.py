@@ -290,6 +290,15 @@ def _mode_problem(mode: int | None) -> str | None:
     return None
 
 
+_MTIME_RANGE = range(-(2**63), 2**63)  # what the kernel's signed 64-bit time in ns holds
+
+
+def _mtime_problem(mtime_ns: int | None) -> str | None:
+    if mtime_ns is not None and mtime_ns not in _MTIME_RANGE:
+        return "mtime_ns is out of range"
+    return None
+
+
 def _digest_problem(digest: str | None) -> str | None:
     if digest is not None and (
         len(digest) != _DIGEST_LEN or digest.strip("0123456789abcdef") != ""
@@ -359,7 +368,9 @@ class Put(Message):
             return "size must be >= 0"
         if self.hash != HASH_NAME:
             return f"hash {_shorten(self.hash)!r} is not supported (only {HASH_NAME})"
-        return _first(_path_problem(self.path), _mode_problem(self.mode))
+        return _first(
+            _path_problem(self.path), _mode_problem(self.mode), _mtime_problem(self.mtime_ns)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +449,9 @@ class SetAttr(Message):
     mtime_ns: int | None = None
 
     def problem(self) -> str | None:
-        return _first(_path_problem(self.path), _mode_problem(self.mode))
+        return _first(
+            _path_problem(self.path), _mode_problem(self.mode), _mtime_problem(self.mtime_ns)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,9 +613,12 @@ def _check_int(v: Any) -> int:
 
 
 def _check_float(v: Any) -> float:
-    if type(v) not in (int, float) or not math.isfinite(v):
-        raise TypeError("must be a finite number")
-    return float(v)
+    try:
+        if type(v) not in (int, float) or not math.isfinite(v):
+            raise TypeError("must be a finite number")
+        return float(v)
+    except OverflowError:  # an integer too large for a float (10**400)
+        raise TypeError("must be a finite number") from None
 
 
 def _check_str(v: Any) -> str:

@@ -10,7 +10,9 @@ __all__ = ["LOADER_VARIABLES", "ExecPolicy"]
 
 # Environment variables that make an allowed program load or run other code.
 LOADER_VARIABLES = (
-    *("LD_*", "GCONV_PATH", "BASH_ENV", "ENV", "PYTHON*", "PERL5*", "RUBYOPT", "NODE_OPTIONS"),
+    *("LD_*", "GCONV_PATH", "BASH_ENV", "ENV", "BASH_FUNC_*", "SHELLOPTS", "BASHOPTS", "PS4"),
+    *("PYTHON*", "PERL5*", "PERLLIB", "RUBYOPT", "RUBYLIB", "NODE_OPTIONS", "NODE_PATH"),
+    *("GIT_*", "PATH", "IFS"),
 )
 
 

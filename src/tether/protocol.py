@@ -181,6 +181,8 @@ class _Base:
             self._fail(ErrorCode.TOO_LARGE, str(exc))
         except ProtocolError as exc:
             self._fail(ErrorCode.BAD_FRAME, str(exc))
+        except Exception as exc:  # a decoding path we did not foresee: still never raise
+            self._fail(ErrorCode.BAD_FRAME, f"malformed frame ({type(exc).__name__})")
 
     def _handle(self, frame: Frame) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -124,7 +124,10 @@ def load_tokens(path: str | os.PathLike[str]) -> dict[str, str]:
             raise UsageError(
                 f"tokens file {shown} is mode {mode:o}: others may read it; chmod 600 {shown}"
             )
-        text = f.read()
+        try:
+            text = f.read()
+        except UnicodeDecodeError:
+            raise UsageError(f"tokens file {shown} is not UTF-8 text") from None
     tokens: dict[str, str] = {}
     names: set[str] = set()
     for number, line in enumerate(text.splitlines(), 1):

@@ -35,6 +35,7 @@ from ..known_hosts import (
 from ..limits import Limits
 from ..messages import (
     SIGNAL_NAMES,
+    Cancel,
     Echo,
     Error,
     ErrorCode,
@@ -170,6 +171,14 @@ class _ClientConnection(asyncio.Protocol):
                 self._reading_paused = True
                 transport.pause_reading()
 
+    def forget(self, request_id: int) -> None:
+        """Stop routing frames to a request; what it left unread no longer counts."""
+        queue = self.queues.pop(request_id, None)
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if isinstance(msg, Message):
+                self.consumed(msg)  # or reading could stay paused for good
+
     def consumed(self, msg: Message) -> None:
         """A queued message was taken by its reader."""
         body = getattr(msg, "body", b"")
@@ -275,7 +284,14 @@ class RemoteProcess:
                 raise RemoteError(msg.code, msg.message)
 
     def _forget(self) -> None:
-        self._wire.queues.pop(self.id, None)
+        self._wire.forget(self.id)
+
+    def abandon(self) -> None:
+        """Give up on the command: the agent ends its process group (``cancel``)."""
+        if not self.finished:
+            self._forget()
+            if self._wire.error is None:
+                self._wire.send(Cancel(self.id))
 
     @property
     def finished(self) -> bool:
@@ -383,7 +399,7 @@ class Connection:
         return request_id, queue
 
     def _forget(self, request_id: int) -> None:
-        self._wire.queues.pop(request_id, None)
+        self._wire.forget(request_id)
 
     # Files (docs/protocol.md §5) -------------------------------------------------
 
@@ -466,12 +482,13 @@ class Connection:
 
     async def echo(self, data: str | bytes) -> str | bytes:
         """Send ``data`` to the agent and return what came back (same type)."""
-        body = data.encode() if isinstance(data, str) else bytes(data)
+        # surrogateescape: a command-line argument that is not UTF-8 echoes as its bytes.
+        body = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
         request_id, queue = self._open(lambda i: Echo(i, body=body))
         try:
             msg = await queue.get()
         finally:
-            self._wire.queues.pop(request_id, None)
+            self._wire.forget(request_id)
         if isinstance(msg, _Closed):
             raise msg.error
         self._wire.consumed(msg)
@@ -479,7 +496,7 @@ class Connection:
             raise RemoteError(msg.code, msg.message)
         if not isinstance(msg, Ok):
             raise ProtocolError(f"echo answered with {msg.OP}")
-        return msg.body.decode() if isinstance(data, str) else msg.body
+        return msg.body.decode("utf-8", "surrogateescape") if isinstance(data, str) else msg.body
 
     async def exec(
         self,
@@ -546,6 +563,9 @@ class Connection:
             async for chunk in proc:
                 (out if chunk.stream == "stdout" else err).extend(chunk.data)
         finally:
+            # Cancelled or failed before the end: the command must not run on,
+            # and its output must not pile up unread on this connection.
+            proc.abandon()
             if feeder is not None:
                 feeder.cancel()
                 await asyncio.gather(feeder, return_exceptions=True)

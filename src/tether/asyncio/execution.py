@@ -46,6 +46,10 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
         self.runner._on_output(fd, data)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 0:
+            # A stdin closed while full never resumes writing: nothing holds
+            # the connection's input for it any more.
+            self.runner.sink.release_input(self.runner)
         self.runner._on_pipe_closed(fd)
 
     def process_exited(self) -> None:
@@ -119,6 +123,8 @@ class ExecRunner:
             # early controls below have been applied.
             self.sink.release_input(self._starting)
         self.transport = transport
+        if self._output_paused:  # the socket was already full when we started
+            self._set_reading(False)
         for early in self._early:
             self.control(early)
         self._early.clear()

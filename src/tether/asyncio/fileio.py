@@ -162,7 +162,10 @@ class FileSource(_ThreadedFile):
         want = min(CHUNK_SIZE, self.meta.size - self.pos)
         if want <= 0:
             return b""
-        chunk = await self._in_thread(self._read, want)
+        try:
+            chunk = await self._in_thread(self._read, want)
+        except OSError as exc:  # EIO and the like: the request fails, cleanly
+            raise error_from_os(exc, self.shown) from None
         if len(chunk) < want:
             raise self._changed()
         self.pos += len(chunk)

@@ -211,16 +211,17 @@ async def handle_put(conn: ServerConnection, request: Put) -> Message:
     keep = False
     offset = 0
     try:
-        offset, prefix_digest = await partial.prefix(request.size)
-        conn.attach(request.id, receiver)
-        conn.send(Ready(request.id, offset=offset, prefix_digest=prefix_digest))
         try:
+            offset, prefix_digest = await partial.prefix(request.size)
+            conn.attach(request.id, receiver)
+            conn.send(Ready(request.id, offset=offset, prefix_digest=prefix_digest))
             digest = await receiver.receive()
         except asyncio.CancelledError:
             # A cut connection, or a sender that was interrupted, keeps the
             # bytes for --resume; a sender that gave up does not.
             cancel = conn.cancel_of(request.id)
             keep = cancel is None or cancel.keep
+            await partial.settle()
             raise
         await partial.commit(request.size, digest, request.mode, request.mtime_ns)
         conn.note(request.id, digest=digest)

@@ -299,6 +299,10 @@ class ServerConnection(asyncio.Protocol):
         # Its --max-unauthenticated slot is free now, not when a TLS peer that
         # never reads finally lets the close complete.
         self.server.unauthenticated.discard(self)
+        # Running requests end now too: a peer that does not read would
+        # otherwise keep them alive until the close completes (§4.7).
+        for task in self.tasks.values():
+            task.cancel()
         self._flush()
         if self.transport is not None:
             self.transport.close()
@@ -499,7 +503,10 @@ async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
     )
     if refusal is not None:
         raise RemoteError(ErrorCode.FORBIDDEN, refusal)
-    if config.allow and request.argv is not None and resolved is not None:
+    if config.allow and request.argv is not None:
+        if resolved is None:
+            # Never let the request's own PATH find a program the list allowed by name.
+            raise RemoteError(ErrorCode.NOT_FOUND, f"no such program: {program}")
         request = dataclasses.replace(request, argv=[resolved, *request.argv[1:]])
     if conn.execs >= config.max_execs_per_connection or server.execs >= config.max_execs:
         raise RemoteError(

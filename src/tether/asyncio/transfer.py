@@ -335,10 +335,17 @@ async def get_tree(
 
     async def walk(remote_dir: str, local_dir: str, info: RemoteStat) -> None:
         entries = await listdir(conn, remote_dir)  # before anything is made here
+        for entry in entries:
+            # The agent names what we write: a name that is not one plain
+            # component could write outside the destination (as scp's
+            # CVE-2019-6111). Refuse the whole listing.
+            name = entry.name or ""
+            if name in ("", ".", "..") or "/" in name or "\0" in name:
+                raise ProtocolError(f"the agent listed a bad name {name!r} in {remote_dir}")
         try:
             os.mkdir(local_dir, 0o700)
         except FileExistsError:
-            if not os.path.isdir(local_dir):
+            if os.path.islink(local_dir) or not os.path.isdir(local_dir):
                 raise TransferError(
                     ErrorCode.NOT_A_DIRECTORY, f"{local_dir}: exists and is not a directory"
                 ) from None
