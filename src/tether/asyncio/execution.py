@@ -25,6 +25,7 @@ log = logging.getLogger("tether.exec")
 
 OUTPUT_GRACE = 0.5  # seconds a pipe may stay silent after the main process exits
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for the process group
+STDIN_BUFFER = 16 * 1024 * 1024  # 16 MiB of stdin the child has not read: stop reading the client
 _STDIN, _STDOUT, _STDERR = 0, 1, 2
 
 
@@ -55,8 +56,13 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
     def process_exited(self) -> None:
         self.runner._on_exit()
 
-    def pause_writing(self) -> None:  # the child's stdin is full
-        self.runner.sink.hold_input(self.runner)
+    # The child's stdin pipe filling up does not stop the connection by
+    # itself: only more than STDIN_BUFFER waiting does (see _write_stdin), so a
+    # child that stops reading, or closes its stdin (which the pipe may never
+    # report while nothing more is written), cannot keep cancel and signal
+    # frames from being read.
+    def pause_writing(self) -> None:
+        pass
 
     def resume_writing(self) -> None:
         self.runner.sink.release_input(self.runner)
@@ -235,6 +241,8 @@ class ExecRunner:
             return  # no stdin asked for, or the child closed it: input is dropped
         if msg.body:
             pipe.write(msg.body)
+            if pipe.get_write_buffer_size() > STDIN_BUFFER:
+                self.sink.hold_input(self)  # released by resume_writing or the pipe's end
         if msg.eof:
             pipe.close()  # flushes what is buffered, then closes
 
