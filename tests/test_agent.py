@@ -31,6 +31,7 @@ import pytest
 
 import tether
 from conftest import Agent, Cli, check_clean_log, start_agent
+from rawclient import RawClient, hello_bytes, tcp_address, unverified_tls_context
 from tether.frames import Frame, FrameDecoder, encode_frame
 from tether.limits import HELLO_TIMEOUT, MAX_BODY_LEN, MAX_HEADER_LEN, PROTOCOL_VERSION
 
@@ -127,127 +128,6 @@ def header_frame(header: dict[str, Any]) -> bytes:
 def prefixed(raw: bytes) -> bytes:
     """``raw`` as a frame header, whatever it holds."""
     return struct.pack(">I", len(raw)) + raw
-
-
-def hello_bytes(token: str, version: int = PROTOCOL_VERSION, ident: int = 0) -> bytes:
-    return encode_frame({"op": "hello", "id": ident, "version": version, "token": token})
-
-
-def unverified_tls_context() -> ssl.SSLContext:
-    """TLS to a test agent without checking its certificate (pins are tested elsewhere)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-class RawClient:
-    """A plain blocking socket speaking bytes to the agent, with a frame decoder."""
-
-    def __init__(
-        self, address: str | tuple[str, int], timeout: float = IO_TIMEOUT, *, tls: bool = True
-    ) -> None:
-        sock: socket.socket
-        if isinstance(address, str):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        else:
-            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        self.timeout = timeout
-        sock.settimeout(timeout)
-        sock.connect(address)
-        if tls and not isinstance(address, str):
-            # The agent's TCP is TLS by default: the bad bytes below must reach
-            # the frame decoder behind it, so speak TLS first (no pin needed).
-            sock = unverified_tls_context().wrap_socket(sock)
-        self.sock = sock
-        self.decoder = FrameDecoder()
-        self._pending: list[Frame] = []
-
-    @property
-    def name(self) -> str:
-        """This end's address as the agent's log writes its peer (IPv4)."""
-        host, port = self.sock.getsockname()[:2]
-        return f"{host}:{port}"
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def shutdown_write(self) -> None:
-        """End this side's input to the agent and go on reading its answer.
-
-        Over TLS that is a close_notify alert: sent by a non-blocking unwrap,
-        which stops at waiting for the agent's close_notify and leaves the TLS
-        layer in place for the reads that follow (the agent's own close_notify
-        then reads as end-of-file).
-        """
-        if not isinstance(self.sock, ssl.SSLSocket):
-            self.sock.shutdown(socket.SHUT_WR)
-            return
-        self.sock.setblocking(False)
-        try:
-            self.sock.unwrap()
-        except ssl.SSLWantReadError:
-            pass  # close_notify sent; the agent's one is read below
-        else:
-            raise AssertionError("the agent closed TLS before this side did")
-        finally:
-            self.sock.settimeout(self.timeout)
-
-    def _receive(self) -> bytes:
-        try:
-            return self.sock.recv(65536)
-        except ssl.SSLZeroReturnError:
-            return b""  # the agent's close_notify after ours (see shutdown_write)
-        except (ssl.SSLEOFError, ConnectionResetError):
-            return b""  # closed without a TLS close_notify: still closed
-        except TimeoutError:
-            raise AssertionError(
-                f"the agent neither answered nor closed within {self.timeout}s"
-            ) from None
-
-    def read_frame(self) -> Frame:
-        """The next frame; fails if the agent closes first."""
-        deadline = time.monotonic() + self.timeout
-        while not self._pending:
-            assert time.monotonic() < deadline, "no frame in time"
-            chunk = self._receive()
-            assert chunk, "the agent closed the connection before sending a frame"
-            self.decoder.receive_data(chunk)
-            self._pending.extend(self.decoder.frames())
-        return self._pending.pop(0)
-
-    def read_to_eof(self) -> list[Frame]:
-        """Every frame the agent sends until it closes (recv returns b"")."""
-        deadline = time.monotonic() + self.timeout
-        while chunk := self._receive():
-            self.decoder.receive_data(chunk)
-            assert time.monotonic() < deadline, "the agent kept the connection open"
-        frames = self._pending + list(self.decoder.frames())
-        self._pending = []
-        assert self.decoder.buffered == 0, "the agent sent a partial frame before closing"
-        return frames
-
-    def hello(self, token: str) -> Frame:
-        self.send(hello_bytes(token))
-        reply = self.read_frame()
-        assert reply.op == "hello" and reply.id == 0, reply
-        assert reply.header["version"] == PROTOCOL_VERSION
-        return reply
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def tcp_address(a: Agent) -> tuple[str, int]:
-    host, port = a.host.rsplit(":", 1)
-    return host.strip("[]"), int(port)
 
 
 def unix_path(a: Agent) -> str:

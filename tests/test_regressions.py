@@ -23,9 +23,6 @@ import contextlib
 import json
 import os
 import secrets
-import socket
-import ssl
-import struct
 import subprocess
 import sys
 import time
@@ -38,6 +35,7 @@ import pytest
 
 import tether
 from conftest import Agent, check_clean_log, start_agent
+from rawclient import RawClient, tcp_address
 from tether.frames import Frame, FrameDecoder, encode_frame
 from tether.limits import PROTOCOL_VERSION
 
@@ -65,96 +63,6 @@ def running(tmp: Path, *args: str, name: str = "agent") -> Iterator[Agent]:
 def unique_seconds() -> str:
     """A ``sleep`` argument no other process on the machine has: finds our command."""
     return f"{60 + secrets.randbelow(9)}.{secrets.randbelow(10**8):08d}1"
-
-
-def unverified_context() -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-class Raw:
-    """A blocking socket speaking frames to the agent, TLS if the agent speaks it.
-
-    ``rcvbuf`` shrinks the receive buffer (set before connecting, so the TCP
-    window is small from the start): a client that reads nothing then stops
-    the agent's writes quickly.
-    """
-
-    def __init__(self, a: Agent, *, rcvbuf: int | None = None) -> None:
-        host, port = a.host.rsplit(":", 1)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            if rcvbuf is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.settimeout(IO_TIMEOUT)
-            sock.connect((host.strip("[]"), int(port)))
-            if a.tls:
-                sock = unverified_context().wrap_socket(sock)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.decoder = FrameDecoder()
-        self.pending: list[Frame] = []
-
-    def send(self, header: dict[str, Any], body: bytes = b"") -> None:
-        self.sock.sendall(encode_frame(header, body))
-
-    def send_raw_header(self, raw: bytes) -> None:
-        """A header written by hand (JSON that ``json.dumps`` would never produce)."""
-        self.sock.sendall(struct.pack(">I", len(raw)) + raw)
-
-    def read_frame(self, timeout: float = IO_TIMEOUT) -> Frame:
-        deadline = time.monotonic() + timeout
-        while not self.pending:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no frame from the agent within {timeout}s"
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                raise AssertionError(f"no frame from the agent within {timeout}s") from None
-            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
-                chunk = b""
-            assert chunk, "the agent closed the connection"
-            self.decoder.receive_data(chunk)
-            self.pending.extend(self.decoder.frames())
-        return self.pending.pop(0)
-
-    def read_until(self, done: Callable[[list[Frame]], bool], timeout: float) -> list[Frame]:
-        """Frames until ``done(frames so far)``; fails after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        frames: list[Frame] = []
-        while not done(frames):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(
-                    f"not done within {timeout}s; got {[f.header for f in frames][-5:]}"
-                )
-            frames.append(self.read_frame(left))
-        return frames
-
-    def hello(self, token: str) -> None:
-        self.send({"op": "hello", "id": 0, "version": PROTOCOL_VERSION, "token": token})
-        reply = self.read_frame()
-        assert (reply.op, reply.id) == ("hello", 0), reply.header
-
-    def echo(self, ident: int, body: bytes, timeout: float = ANSWER) -> None:
-        """An echo on this connection is answered (other frames may come first)."""
-        self.send({"op": "echo", "id": ident}, body)
-        frames = self.read_until(lambda fs: bool(fs) and fs[-1].id == ident, timeout)
-        assert (frames[-1].op, frames[-1].body) == ("ok", body), frames[-1].header
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Raw:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def final_for(ident: int) -> Callable[[list[Frame]], bool]:
@@ -334,13 +242,13 @@ def test_exec_started_while_writes_are_paused_keeps_memory_bounded(agent: Agent)
     pid = agent.proc.pid
     assert rss(pid) > 0
     tag = str(400 * 1000 * 1000 + secrets.randbelow(1000))  # head -c TAG: findable
-    with Raw(agent, rcvbuf=4096) as raw:
+    with RawClient(tcp_address(agent), IO_TIMEOUT, tls=agent.tls, rcvbuf=4096) as raw:
         raw.hello(agent.token)
         # A: fills the agent's socket and its send buffer; its own output then waits.
-        raw.send({"op": "exec", "id": 1, "argv": ["head", "-c", "100000000", "/dev/zero"]})
+        raw.send_frame({"op": "exec", "id": 1, "argv": ["head", "-c", "100000000", "/dev/zero"]})
         time.sleep(2.0)
         # B: starts while the agent's writes are already paused.
-        raw.send({"op": "exec", "id": 2, "argv": ["head", "-c", tag, "/dev/zero"]})
+        raw.send_frame({"op": "exec", "id": 2, "argv": ["head", "-c", tag, "/dev/zero"]})
         pgid = find_group(tag)
         try:
             peak = 0
@@ -352,13 +260,13 @@ def test_exec_started_while_writes_are_paused_keeps_memory_bounded(agent: Agent)
             # Flow control holds the command back: 400 MB cannot have gone anywhere.
             assert group_members(pgid), "B wrote all its output while the client read nothing"
             # Then it all drains: both end when cancelled, and the connection works.
-            raw.send({"op": "cancel", "id": 1})
-            raw.send({"op": "cancel", "id": 2})
+            raw.send_frame({"op": "cancel", "id": 1})
+            raw.send_frame({"op": "cancel", "id": 2})
             frames = raw.read_until(lambda fs: final_for(1)(fs) and final_for(2)(fs), 30.0)
             for f in frames:
                 if f.op == "stdout":
                     assert f.body.count(0) == len(f.body)
-            raw.echo(3, b"after")
+            raw.echo(3, b"after", ANSWER)
             assert not group_survivors(pgid)
         finally:
             kill_group(pgid)
@@ -628,13 +536,13 @@ async def test_get_tree_from_a_malicious_agent_writes_nothing_outside(
 def test_protocol_error_ends_the_connections_commands(agent: Agent, flood: bool) -> None:
     tag = unique_seconds()
     command = f"head -c 50000000 /dev/zero; exec sleep {tag}" if flood else f"exec sleep {tag}"
-    with Raw(agent, rcvbuf=4096) as raw:
+    with RawClient(tcp_address(agent), IO_TIMEOUT, tls=agent.tls, rcvbuf=4096) as raw:
         raw.hello(agent.token)
-        raw.send({"op": "exec", "id": 1, "shell": command})
+        raw.send_frame({"op": "exec", "id": 1, "shell": command})
         pgid = find_group(tag)
         try:
             time.sleep(1.0)  # the output fills every buffer on the way
-            raw.send({"op": "no-such-op", "id": 5})  # fails the whole connection
+            raw.send_frame({"op": "no-such-op", "id": 5})  # fails the whole connection
             # The socket stays open and unread: the command must end all the same.
             left = group_survivors(pgid)
             assert not left, f"the command outlived its connection's failure: {left}"
@@ -650,19 +558,19 @@ def test_protocol_error_ends_the_connections_commands(agent: Agent, flood: bool)
 @pytest.mark.timeout(60)
 def test_cancel_honoured_after_the_command_closed_a_full_stdin(agent: Agent) -> None:
     tag = unique_seconds()
-    with Raw(agent) as raw:
+    with RawClient(tcp_address(agent), IO_TIMEOUT, tls=agent.tls) as raw:
         raw.hello(agent.token)
         shell = f"sleep 1; exec 0<&-; echo closed-stdin; exec sleep {tag}"
-        raw.send({"op": "exec", "id": 1, "shell": shell, "stdin": True})
+        raw.send_frame({"op": "exec", "id": 1, "shell": shell, "stdin": True})
         # More than the pipe (64 KiB) and the agent's transport buffers hold.
-        raw.send({"op": "stdin", "id": 1}, b"x" * 300_000)
-        raw.send({"op": "stdin", "id": 1}, b"y" * 300_000)
+        raw.send_frame({"op": "stdin", "id": 1}, b"x" * 300_000)
+        raw.send_frame({"op": "stdin", "id": 1}, b"y" * 300_000)
         pgid = find_group(tag)
         try:
             time.sleep(2.5)  # the command has closed its stdin with input still pending
             started = time.monotonic()
-            raw.send({"op": "cancel", "id": 1})
-            raw.send({"op": "echo", "id": 2}, b"ping")
+            raw.send_frame({"op": "cancel", "id": 1})
+            raw.send_frame({"op": "echo", "id": 2}, b"ping")
 
             def both(frames: list[Frame]) -> bool:
                 return final_for(1)(frames) and any(f.id == 2 for f in frames)
@@ -673,7 +581,7 @@ def test_cancel_honoured_after_the_command_closed_a_full_stdin(agent: Agent) -> 
             echo = next(f for f in frames if f.id == 2)
             assert (echo.op, echo.body) == ("ok", b"ping")
             assert not group_survivors(pgid, timeout=2.0)
-            raw.echo(3, b"again")
+            raw.echo(3, b"again", ANSWER)
         finally:
             kill_group(pgid)
 
@@ -686,15 +594,15 @@ def test_cancel_honoured_after_the_command_closed_a_full_stdin(agent: Agent) -> 
     "timeout", [b"1" + b"0" * 400, b"-1" + b"0" * 400, b"1e400"], ids=["huge", "-huge", "1e400"]
 )
 def test_exec_timeout_out_of_float_range_is_a_bad_request(agent: Agent, timeout: bytes) -> None:
-    with Raw(agent) as raw:
+    with RawClient(tcp_address(agent), IO_TIMEOUT, tls=agent.tls) as raw:
         raw.hello(agent.token)
         raw.send_raw_header(b'{"op":"exec","id":2,"argv":["true"],"timeout":' + timeout + b"}")
         reply = raw.read_frame()
         assert (reply.op, reply.id, reply.header.get("code")) == ("error", 2, "bad_request"), (
             reply.header
         )
-        raw.echo(3, b"still open")
-        raw.send({"op": "exec", "id": 4, "argv": ["true"]})
+        raw.echo(3, b"still open", ANSWER)
+        raw.send_frame({"op": "exec", "id": 4, "argv": ["true"]})
         frames = raw.read_until(final_for(4), IO_TIMEOUT)
         assert (frames[-1].op, frames[-1].header.get("status")) == ("exit", 0), frames[-1].header
     check_clean_log(agent)
@@ -706,20 +614,20 @@ def test_mtime_out_of_range_is_a_bad_request(agent: Agent, mtime_ns: int) -> Non
     target = agent.root / "f"
     target.write_text("x")
     os.utime(target, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
-    with Raw(agent) as raw:
+    with RawClient(tcp_address(agent), IO_TIMEOUT, tls=agent.tls) as raw:
         raw.hello(agent.token)
-        raw.send({"op": "setattr", "id": 3, "path": "f", "mtime_ns": mtime_ns})
+        raw.send_frame({"op": "setattr", "id": 3, "path": "f", "mtime_ns": mtime_ns})
         reply = raw.read_frame()
         assert (reply.op, reply.id, reply.header.get("code")) == ("error", 3, "bad_request"), (
             reply.header
         )
         assert target.stat().st_mtime_ns == 1_000_000_000_000_000_000
-        raw.send({"op": "put", "id": 4, "path": "g", "size": 1, "mtime_ns": mtime_ns})
+        raw.send_frame({"op": "put", "id": 4, "path": "g", "size": 1, "mtime_ns": mtime_ns})
         reply = raw.read_frame()
         assert (reply.op, reply.id, reply.header.get("code")) == ("error", 4, "bad_request"), (
             reply.header
         )
-        raw.echo(5, b"still open")
+        raw.echo(5, b"still open", ANSWER)
     assert sorted(os.listdir(agent.root)) == ["f"]
     check_clean_log(agent)
 
@@ -801,10 +709,10 @@ def test_put_cut_off_while_hashing_the_partial_keeps_it(agent: Agent) -> None:
     with open(partial, "wb") as f:
         f.truncate(size)  # sparse: costs no disk, still takes the agent a while to hash
     partial.chmod(0o600)
-    with Raw(agent) as raw:
+    with RawClient(tcp_address(agent), IO_TIMEOUT, tls=agent.tls) as raw:
         raw.hello(agent.token)
         put = {"op": "put", "id": 1, "path": "big.bin", "size": 2 * size, "resume": True}
-        raw.send(put | {"mode": 0o644, "hash": "blake3"})
+        raw.send_frame(put | {"mode": 0o644, "hash": "blake3"})
         time.sleep(0.2)  # the agent is hashing the partial's 320 MiB now
     wait_for_log(agent, '"op": "put"', timeout=30.0)
     time.sleep(0.5)

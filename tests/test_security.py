@@ -43,6 +43,7 @@ from cryptography.x509.oid import NameOID
 
 import tether
 from conftest import Agent, Cli, check_clean_log, start_agent
+from rawclient import RawClient, hello_bytes, tcp_address, unverified_tls_context
 from tether.exceptions import CertificateError
 from tether.frames import Frame, FrameDecoder, encode_frame
 from tether.limits import PROTOCOL_VERSION
@@ -72,11 +73,6 @@ def printed_fingerprint(a: Agent) -> str:
     found = FINGERPRINT_RE.search(a.log())
     assert found, a.log()
     return found.group(1)
-
-
-def address(a: Agent) -> tuple[str, int]:
-    host, port = a.host.rsplit(":", 1)
-    return host.strip("[]"), int(port)
 
 
 def cert_fingerprint(path: Path) -> str:
@@ -203,96 +199,8 @@ def make_cert(
 # Raw peers -------------------------------------------------------------------------------
 
 
-def unverified_context() -> ssl.SSLContext:
-    """TLS without any check: a stranger's client, whose bytes reach the frame decoder."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def frame(header: dict[str, Any]) -> bytes:
     return encode_frame(header)
-
-
-def hello_frame(token: Any) -> bytes:
-    return frame({"op": "hello", "id": 0, "version": PROTOCOL_VERSION, "token": token})
-
-
-class Raw:
-    """A blocking socket speaking bytes to the agent (TLS unless ``tls=False``)."""
-
-    def __init__(
-        self,
-        a: Agent,
-        *,
-        tls: bool = True,
-        source: str | None = None,
-        timeout: float = IO_TIMEOUT,
-    ) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            if source is not None:
-                sock.bind((source, 0))
-            sock.connect(address(a))
-            if tls:
-                sock = unverified_context().wrap_socket(sock)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.timeout = timeout
-        self.decoder = FrameDecoder()
-        self._pending: list[Frame] = []
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _receive(self) -> bytes:
-        try:
-            return self.sock.recv(65536)
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
-            return b""  # closed without a TLS close_notify: closed all the same
-        except TimeoutError:
-            raise AssertionError(
-                f"the agent neither answered nor closed within {self.timeout}s"
-            ) from None
-
-    def read_frame(self) -> Frame:
-        deadline = time.monotonic() + self.timeout
-        while not self._pending:
-            assert time.monotonic() < deadline, "no frame in time"
-            chunk = self._receive()
-            assert chunk, "the agent closed the connection before sending a frame"
-            self.decoder.receive_data(chunk)
-            self._pending.extend(self.decoder.frames())
-        return self._pending.pop(0)
-
-    def read_to_eof(self) -> list[Frame]:
-        """Every frame until the agent closes."""
-        deadline = time.monotonic() + self.timeout
-        while chunk := self._receive():
-            self.decoder.receive_data(chunk)
-            assert time.monotonic() < deadline, "the agent kept the connection open"
-        frames = self._pending + list(self.decoder.frames())
-        self._pending = []
-        return frames
-
-    def hello(self, token: str) -> Frame:
-        self.send(hello_frame(token))
-        reply = self.read_frame()
-        assert (reply.op, reply.id) == ("hello", 0), reply
-        return reply
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Raw:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def assert_connection_error(frames: list[Frame], code: str) -> Frame:
@@ -334,7 +242,7 @@ def test_tls_by_default_fingerprint_and_private_key(tmp_path: Path) -> None:
         body = "".join(key_pem.splitlines()[1:-1])
         assert body[:40] not in a.log()
         # What the agent presents on the wire is that certificate.
-        with Raw(a) as raw:
+        with RawClient(tcp_address(a)) as raw:
             assert isinstance(raw.sock, ssl.SSLSocket)
             der = raw.sock.getpeercert(binary_form=True)
             assert der is not None
@@ -347,10 +255,10 @@ def test_tls_by_default_fingerprint_and_private_key(tmp_path: Path) -> None:
 
 def test_tls_1_2_client_refused(tmp_path: Path) -> None:
     with running(tmp_path) as a:
-        context = unverified_context()
+        context = unverified_tls_context()
         context.maximum_version = ssl.TLSVersion.TLSv1_2
         with (
-            socket.create_connection(address(a), timeout=IO_TIMEOUT) as sock,
+            socket.create_connection(tcp_address(a), timeout=IO_TIMEOUT) as sock,
             pytest.raises((ssl.SSLError, ConnectionResetError)),
         ):
             context.wrap_socket(sock)
@@ -569,7 +477,7 @@ class MitmProxy:
         self.sessions.append(seen)
         try:
             up_reader, up_writer = await asyncio.open_connection(
-                *self.upstream, ssl=unverified_context()
+                *self.upstream, ssl=unverified_tls_context()
             )
         except OSError:
             writer.close()
@@ -612,7 +520,7 @@ class MitmProxy:
 async def test_man_in_the_middle_detected_and_token_never_sent(tmp_path: Path) -> None:
     with running(tmp_path) as a:
         real = printed_fingerprint(a)
-        proxy = MitmProxy(address(a), make_cert(tmp_path / "mitm", "tether agent mitm"))
+        proxy = MitmProxy(tcp_address(a), make_cert(tmp_path / "mitm", "tether agent mitm"))
         through = await proxy.start()
         try:
             # Pinned by --fingerprint.
@@ -675,8 +583,8 @@ def test_plaintext_client_against_tls_port(tmp_path: Path) -> None:
 
         asyncio.run(api())
         # A raw plaintext hello gets nothing back but a close, quickly.
-        with Raw(a, tls=False) as raw:
-            raw.send(hello_frame(a.token))
+        with RawClient(tcp_address(a), tls=False) as raw:
+            raw.send(hello_bytes(a.token))
             assert raw.read_to_eof() == []
         good = Cli.run(["echo", a.host, "still here"], env=a.env)
         assert good.returncode == 0 and good.stdout == b"still here\n", good.stderr
@@ -736,7 +644,7 @@ def test_any_op_before_hello_is_unauthenticated(shared: Agent, name: str) -> Non
     header = dict(PRE_HELLO_FRAMES[name])
     if "argv" in header:
         header["argv"] = ["touch", str(marker)]
-    with Raw(shared) as raw:
+    with RawClient(tcp_address(shared)) as raw:
         raw.send(frame(header))
         assert_connection_error(raw.read_to_eof(), "unauthenticated")
     assert_not_created(marker)
@@ -744,16 +652,16 @@ def test_any_op_before_hello_is_unauthenticated(shared: Agent, name: str) -> Non
 
 def test_hello_after_a_request_does_not_help(shared: Agent) -> None:
     marker = shared.root / "MARKER-late-hello"
-    with Raw(shared) as raw:
-        raw.send(exec_frame(marker) + hello_frame(shared.token))
+    with RawClient(tcp_address(shared)) as raw:
+        raw.send(exec_frame(marker) + hello_bytes(shared.token))
         assert_connection_error(raw.read_to_eof(), "unauthenticated")
     assert_not_created(marker)
 
 
 def test_op_after_failed_hello_in_same_write(shared: Agent) -> None:
     marker = shared.root / "MARKER-same-write"
-    with Raw(shared) as raw:
-        raw.send(hello_frame("wrong") + exec_frame(marker))
+    with RawClient(tcp_address(shared)) as raw:
+        raw.send(hello_bytes("wrong") + exec_frame(marker))
         error = assert_connection_error(raw.read_to_eof(), "auth_failed")
         assert "wrong" not in error.header["message"]
     assert_not_created(marker)
@@ -761,19 +669,19 @@ def test_op_after_failed_hello_in_same_write(shared: Agent) -> None:
 
 def test_op_after_failed_hello_before_the_answer(shared: Agent) -> None:
     marker = shared.root / "MARKER-before-answer"
-    with Raw(shared) as raw:
-        raw.send(hello_frame("wrong"))
+    with RawClient(tcp_address(shared)) as raw:
+        raw.send(hello_bytes("wrong"))
         raw.send(exec_frame(marker))  # while the agent waits to answer
-        raw.send(hello_frame(shared.token) + exec_frame(marker, ident=2))
+        raw.send(hello_bytes(shared.token) + exec_frame(marker, ident=2))
         assert_connection_error(raw.read_to_eof(), "auth_failed")
     assert_not_created(marker)
 
 
 def test_op_after_failed_hello_answered(shared: Agent) -> None:
     marker = shared.root / "MARKER-after-answer"
-    with Raw(shared) as raw:
+    with RawClient(tcp_address(shared)) as raw:
         started = time.monotonic()
-        raw.send(hello_frame("wrong"))
+        raw.send(hello_bytes("wrong"))
         error = raw.read_frame()
         # A refused hello is answered late, to slow guessing down.
         assert time.monotonic() - started >= 0.15
@@ -785,15 +693,15 @@ def test_op_after_failed_hello_answered(shared: Agent) -> None:
 
 
 def test_second_hello_with_right_token_after_failed_one(shared: Agent) -> None:
-    with Raw(shared) as raw:
-        raw.send(hello_frame("wrong") + hello_frame(shared.token))
+    with RawClient(tcp_address(shared)) as raw:
+        raw.send(hello_bytes("wrong") + hello_bytes(shared.token))
         assert_connection_error(raw.read_to_eof(), "auth_failed")
 
 
 def test_good_hello_then_exec_runs(shared: Agent) -> None:
     """The control for the tests above: the same exec after a good hello runs."""
     marker = shared.root / "MARKER-control"
-    with Raw(shared) as raw:
+    with RawClient(tcp_address(shared)) as raw:
         raw.hello(shared.token)
         raw.send(exec_frame(marker))
         ops = []
@@ -834,7 +742,7 @@ UNKNOWN_OPS = [
 @pytest.mark.parametrize("op", UNKNOWN_OPS, ids=repr)
 def test_unknown_op_after_good_hello(shared: Agent, op: str) -> None:
     marker = shared.root / "MARKER-unknown"
-    with Raw(shared) as raw:
+    with RawClient(tcp_address(shared)) as raw:
         raw.hello(shared.token)
         raw.send(exec_frame(marker, op=op))
         assert_connection_error(raw.read_to_eof(), "unknown_op")
@@ -849,13 +757,13 @@ def test_token_loop_gets_blocked_other_address_still_works(tmp_path: Path) -> No
     with running(tmp_path, "--max-auth-failures", "5") as a:
         guesses = [f"guess-{i}-{os.urandom(8).hex()}" for i in range(6)]
         for guess in guesses:
-            with Raw(a, source="127.0.0.1") as raw:
-                raw.send(hello_frame(guess))
+            with RawClient(tcp_address(a), source="127.0.0.1") as raw:
+                raw.send(hello_bytes(guess))
                 error = assert_connection_error(raw.read_to_eof(), "auth_failed")
                 assert guess not in error.header["message"]
         # The right token from the same address: refused.
-        with Raw(a, source="127.0.0.1") as raw:
-            raw.send(hello_frame(a.token))
+        with RawClient(tcp_address(a), source="127.0.0.1") as raw:
+            raw.send(hello_bytes(a.token))
             error = assert_connection_error(raw.read_to_eof(), "auth_failed")
             assert "too many failed attempts" in error.header["message"]
             assert a.token not in error.header["message"]
@@ -863,7 +771,7 @@ def test_token_loop_gets_blocked_other_address_still_works(tmp_path: Path) -> No
         assert cli.returncode == 255
         assert "too many failed attempts" in one_line(cli)
         # The right token from another address: works.
-        with Raw(a, source="127.0.0.2") as raw:
+        with RawClient(tcp_address(a), source="127.0.0.2") as raw:
             reply = raw.hello(a.token)
             assert reply.header["version"] == PROTOCOL_VERSION
             raw.send(frame({"op": "echo", "id": 1}))
@@ -877,10 +785,10 @@ def test_token_loop_gets_blocked_other_address_still_works(tmp_path: Path) -> No
 def test_failures_below_the_limit_do_not_block(tmp_path: Path) -> None:
     with running(tmp_path, "--max-auth-failures", "5") as a:
         for i in range(4):
-            with Raw(a) as raw:
-                raw.send(hello_frame(f"guess-{i}"))
+            with RawClient(tcp_address(a)) as raw:
+                raw.send(hello_bytes(f"guess-{i}"))
                 assert_connection_error(raw.read_to_eof(), "auth_failed")
-        with Raw(a) as raw:
+        with RawClient(tcp_address(a)) as raw:
             raw.hello(a.token)
 
 
@@ -891,7 +799,7 @@ def test_unix_socket_is_not_rate_limited(tmp_path: Path) -> None:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(IO_TIMEOUT)
                 sock.connect(path)
-                sock.sendall(hello_frame(f"guess-{i}"))
+                sock.sendall(hello_bytes(f"guess-{i}"))
                 data = b""
                 while chunk := sock.recv(65536):
                     data += chunk
@@ -909,28 +817,28 @@ def _bad_hellos(token: str) -> list[tuple[str, bytes, str]]:
         ("list", frame({**base, "token": [token]}), "bad_request"),
         ("object", frame({**base, "token": {"token": token}}), "bad_request"),
         ("true", frame({**base, "token": True}), "bad_request"),
-        ("empty", hello_frame(""), "auth_failed"),
-        ("space", hello_frame(" "), "auth_failed"),
-        ("prefix", hello_frame(token[:-1]), "auth_failed"),
-        ("extended", hello_frame(token + "x"), "auth_failed"),
-        ("newline", hello_frame(token + "\n"), "auth_failed"),
-        ("leading space", hello_frame(" " + token), "auth_failed"),
-        ("nul", hello_frame(token + "\0"), "auth_failed"),
-        ("upper", hello_frame(token.upper()), "auth_failed"),
-        ("lone surrogate", hello_frame("\udc80"), "auth_failed"),
-        ("surrogate inside", hello_frame(token[:3] + "\ud800" + token[4:]), "auth_failed"),
-        ("name", hello_frame("default"), "auth_failed"),
+        ("empty", hello_bytes(""), "auth_failed"),
+        ("space", hello_bytes(" "), "auth_failed"),
+        ("prefix", hello_bytes(token[:-1]), "auth_failed"),
+        ("extended", hello_bytes(token + "x"), "auth_failed"),
+        ("newline", hello_bytes(token + "\n"), "auth_failed"),
+        ("leading space", hello_bytes(" " + token), "auth_failed"),
+        ("nul", hello_bytes(token + "\0"), "auth_failed"),
+        ("upper", hello_bytes(token.upper()), "auth_failed"),
+        ("lone surrogate", hello_bytes("\udc80"), "auth_failed"),
+        ("surrogate inside", hello_bytes(token[:3] + "\ud800" + token[4:]), "auth_failed"),
+        ("name", hello_bytes("default"), "auth_failed"),
     ]
 
 
 def test_missing_empty_malformed_tokens_never_authenticate(shared: Agent) -> None:
     for name, data, code in _bad_hellos(shared.token):
-        with Raw(shared, source="127.0.0.3") as raw:
+        with RawClient(tcp_address(shared), source="127.0.0.3") as raw:
             raw.send(data)
             frames = raw.read_to_eof()
             assert [f.op for f in frames] == ["error"], (name, frames)
             assert frames[0].header["code"] == code, (name, frames)
-    with Raw(shared, source="127.0.0.3") as raw:
+    with RawClient(tcp_address(shared), source="127.0.0.3") as raw:
         raw.hello(shared.token)  # the limit (100000 here) was not what refused them
 
 
@@ -1246,7 +1154,7 @@ class Slowloris(threading.Thread):
     def __init__(self, a: Agent, token: str) -> None:
         super().__init__(daemon=True)
         self.agent = a
-        self.data = hello_frame(token)
+        self.data = hello_bytes(token)
         self.ready = threading.Event()
         self.stop = threading.Event()
         self.sent = 0
@@ -1255,7 +1163,7 @@ class Slowloris(threading.Thread):
 
     def run(self) -> None:
         try:
-            with Raw(self.agent) as raw:
+            with RawClient(tcp_address(self.agent)) as raw:
                 self.ready.set()
                 raw.sock.settimeout(1.0)  # the pace: one byte per second
                 for byte in self.data:
@@ -1309,7 +1217,7 @@ def open_plain(a: Agent, count: int) -> list[socket.socket]:
     socks: list[socket.socket] = []
     try:
         for _ in range(count):
-            socks.append(socket.create_connection(address(a), timeout=IO_TIMEOUT))
+            socks.append(socket.create_connection(tcp_address(a), timeout=IO_TIMEOUT))
     except BaseException:
         for s in socks:
             s.close()
@@ -1329,7 +1237,7 @@ async def test_slowloris_and_idle_flood_do_not_stop_an_authenticated_client(
         async with tether.connect(a.host, token=a.token) as conn:
             assert (await conn.run(["echo", "ok"])).stdout == b"ok\n"
             plain: list[socket.socket] = []
-            handshaken: list[Raw] = []
+            handshaken: list[RawClient] = []
             slow = Slowloris(a, a.token)
             try:
                 flood_started = time.monotonic()
@@ -1337,10 +1245,10 @@ async def test_slowloris_and_idle_flood_do_not_stop_an_authenticated_client(
                 assert await asyncio.to_thread(slow.ready.wait, IO_TIMEOUT)
                 # TLS done, no hello: with the slowloris these fill 49 slots.
                 for _ in range(48):
-                    handshaken.append(await asyncio.to_thread(Raw, a))
+                    handshaken.append(await asyncio.to_thread(RawClient, tcp_address(a)))
                 # Connections that never even start TLS count too.
                 plain = await asyncio.to_thread(open_plain, a, 200)
-                with await asyncio.to_thread(Raw, a) as extra:
+                with await asyncio.to_thread(RawClient, tcp_address(a)) as extra:
                     busy = await asyncio.to_thread(extra.read_to_eof)
                 assert_connection_error(busy, "busy")
                 for _ in range(3):
@@ -1385,7 +1293,7 @@ def test_connections_still_in_tls_handshake_count_as_unauthenticated(tmp_path: P
     with running(tmp_path, "--max-unauthenticated", "50", "--hello-timeout", "10") as a:
         plain = open_plain(a, 200)
         try:
-            with Raw(a) as extra:
+            with RawClient(tcp_address(a)) as extra:
                 frames = extra.read_to_eof()
             assert_connection_error(frames, "busy")
         finally:
@@ -1398,13 +1306,13 @@ def test_timed_out_connections_free_their_slot(tmp_path: Path) -> None:
     """A connection cut for its hello deadline no longer counts against
     --max-unauthenticated, even if its peer never acknowledges the close."""
     with running(tmp_path, "--max-unauthenticated", "5", "--hello-timeout", "1") as a:
-        idle = [Raw(a) for _ in range(5)]
+        idle = [RawClient(tcp_address(a)) for _ in range(5)]
         try:
             for raw in idle:
                 # The deadline passes: each gets its error (and the agent its close).
                 assert raw.read_frame().header.get("code") == "hello_timeout"
             # The peers keep their sockets open and never answer the TLS close.
-            with Raw(a) as fresh:
+            with RawClient(tcp_address(a)) as fresh:
                 reply = fresh.hello(a.token)
                 assert reply.op == "hello"
         finally:
@@ -1423,7 +1331,7 @@ async def test_idle_timeout(tmp_path: Path) -> None:
         async with tether.connect(a.host, token=a.token) as conn:
 
             def raw_session() -> tuple[float, list[Frame], list[str]]:
-                with Raw(a) as raw:
+                with RawClient(tcp_address(a)) as raw:
                     reply = raw.hello(a.token)
                     assert reply.header.get("idle_timeout") == 1
                     # A command longer than the timeout: running is not idle.
