@@ -126,7 +126,6 @@ class ServerConnection(asyncio.Protocol):
         self._early_bytes = 0
         self._early_key = object()  # holds input while early frames pile up
         self._takes_controls: dict[int, bool] = {}
-        self._write_paused = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self.address_key: str | None = None  # what failed hellos are counted by
         self.execs = 0
@@ -189,13 +188,11 @@ class ServerConnection(asyncio.Protocol):
         log.debug("%s: disconnected", self.peer)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
         self._writable.clear()
         for controller in self.controllers.values():
             controller.pause_output()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
         self._writable.set()
         for controller in self.controllers.values():
             controller.resume_output()
@@ -237,7 +234,7 @@ class ServerConnection(asyncio.Protocol):
     def attach(self, request_id: int, controller: Controller) -> None:
         """Route this request's control frames to ``controller``, early ones first."""
         self.controllers[request_id] = controller
-        if self._write_paused:
+        if not self._writable.is_set():  # the socket is full right now
             controller.pause_output()
         for msg in self._drop_early_controls(request_id):
             controller.control(msg)
