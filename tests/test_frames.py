@@ -538,3 +538,103 @@ def test_arbitrary_bytes_only_raise_protocol_errors(data: bytes, cuts: list[int]
         assert isinstance(exc, FrameTooLarge) == (exc.code == "too_large")
         with pytest.raises(ProtocolError):
             list(decoder.frames())
+
+
+# Reading in place (BufferedProtocol) ------------------------------------------------
+
+BIG = FrameDecoder.DIRECT_BODY  # the smallest body received into its own buffer
+
+
+def feed_in_place(decoder: FrameDecoder, data: bytes, most: int) -> None:
+    """Feed ``data`` as a BufferedProtocol transport would: at most ``most`` bytes per read."""
+    view = memoryview(data)
+    while view:
+        buf = decoder.get_buffer(-1)
+        assert len(buf) > 0
+        n = min(len(buf), len(view), most)
+        buf[:n] = view[:n]
+        buf.release()
+        decoder.buffer_updated(n)
+        view = view[n:]
+
+
+def test_a_large_body_is_read_straight_into_its_own_buffer() -> None:
+    body = bytes(range(256)) * (BIG // 256 + 3)
+    data = encode_frame({"op": "data", "id": 1}, body)
+    head = len(data) - len(body)
+    decoder = FrameDecoder()
+    feed_in_place(decoder, data[: head + 10], most=len(data))
+    # Past the header, the decoder hands out exactly the rest of the body:
+    # the kernel writes it where the frame will keep it, and no further.
+    buf = decoder.get_buffer(-1)
+    assert len(buf) == len(body) - 10
+    buf[:] = body[10:]
+    buf.release()
+    decoder.buffer_updated(len(body) - 10)
+    (frame,) = decoder.frames()
+    assert frame.body == body
+    assert isinstance(frame.body, bytearray)  # no copy into bytes
+    assert decoder.buffered == 0
+
+
+def test_small_bodies_are_bytes_and_an_idle_decoder_starts_afresh() -> None:
+    data = encode_frame({"op": "echo", "id": 1}, b"x" * 100)
+    decoder = FrameDecoder()
+    feed_in_place(decoder, data, most=7)
+    (frame,) = decoder.frames()
+    assert frame.body == b"x" * 100 and isinstance(frame.body, bytes)
+    # Nothing partial is held: the next read gets a whole scratch buffer.
+    assert len(decoder.get_buffer(-1)) == FrameDecoder.SCRATCH_SIZE
+
+
+def test_a_reused_body_buffer_takes_the_next_body_of_that_size() -> None:
+    one, two = b"\x01" * BIG, b"\x02" * BIG
+    decoder = FrameDecoder()
+    feed_in_place(decoder, encode_frame({"op": "data", "id": 1}, one), most=BIG)
+    (first,) = decoder.frames()
+    assert first.body == one
+    decoder.reuse_body(first.body)
+    feed_in_place(decoder, encode_frame({"op": "data", "id": 1}, two), most=BIG)
+    (second,) = decoder.frames()
+    assert second.body is first.body  # the same buffer, refilled
+    assert second.body == two
+    # A different size gets a buffer of its own.
+    decoder.reuse_body(second.body)
+    feed_in_place(decoder, encode_frame({"op": "data", "id": 1}, one + b"!"), most=BIG)
+    (third,) = decoder.frames()
+    assert third.body is not first.body and third.body == one + b"!"
+
+
+def test_a_header_larger_than_the_scratch_buffer_is_received_whole() -> None:
+    limits = Limits(max_header=4 * FrameDecoder.SCRATCH_SIZE)
+    (frame,) = decode_all(raw_frame(header_of_length(3 * FrameDecoder.SCRATCH_SIZE)), limits)
+    assert len(frame.header["pad"]) > 2 * FrameDecoder.SCRATCH_SIZE
+
+
+def test_reading_in_place_after_a_violation_discards_input() -> None:
+    decoder = FrameDecoder()
+    feed_in_place(decoder, raw_frame(b"[]"), most=100)
+    feed_in_place(decoder, encode_frame({"op": "echo", "id": 1}), most=100)
+    assert decoder.buffered == 0
+    with pytest.raises(ProtocolError):
+        list(decoder.frames())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(headers, st.sampled_from([0, 1, 100, BIG - 1, BIG, BIG + 1, 3 * BIG])),
+        max_size=5,
+    ),
+    st.integers(min_value=1, max_value=4 * BIG),
+)
+def test_in_place_reads_give_the_frames_that_were_sent(
+    frames: list[tuple[dict[str, Any], int]], most: int
+) -> None:
+    sent = [(header, bytes([len(header) % 251]) * size) for header, size in frames]
+    data = b"".join(encode_frame(header, body) for header, body in sent)
+    decoder = FrameDecoder()
+    feed_in_place(decoder, data, most)
+    got = list(decoder.frames())
+    assert [(f.header.get("op"), bytes(f.body)) for f in got] == [(h["op"], b) for h, b in sent]
+    assert decoder.buffered == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,11 +18,14 @@ from typing import Any
 from .exceptions import FrameTooLarge, ProtocolError, UsageError
 from .limits import Limits
 
-__all__ = ["PREFIX_LEN", "Frame", "FrameDecoder", "encode_frame", "encode_frame_head"]
+__all__ = ["PREFIX_LEN", "Body", "Frame", "FrameDecoder", "encode_frame", "encode_frame_head"]
 
 _PREFIX = struct.Struct(">I")
 PREFIX_LEN = _PREFIX.size  # 4 bytes
 _EMPTY = b""
+
+Body = bytes | bytearray
+"""A frame body: a bytearray when a large one was received in place, without a copy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +33,7 @@ class Frame:
     """One decoded frame: its header object and its body bytes."""
 
     header: dict[str, Any]
-    body: bytes = field(default=_EMPTY)
+    body: Body = field(default=_EMPTY)
 
     @property
     def op(self) -> str:
@@ -123,82 +127,183 @@ _DEFAULT_LIMITS = Limits()
 class FrameDecoder:
     """Turns a byte stream into frames, checking every declared length first.
 
-    Feed bytes with :meth:`receive_data` and take frames from :meth:`frames`.
-    Once an exception has been raised the decoder is broken: every later call
-    raises the same exception again, so no input after a violation is used.
+    Two ways in, one state machine: :meth:`receive_data` takes bytes that
+    were read elsewhere; :meth:`get_buffer` and :meth:`buffer_updated` let the
+    I/O layer read straight into the decoder (asyncio's ``BufferedProtocol``).
+    A body of at least ``DIRECT_BODY`` bytes gets its own buffer, handed out
+    by :meth:`get_buffer`, so its bytes are copied once, by the kernel; smaller
+    frames are read into a scratch buffer that is dropped whenever it holds
+    nothing, so an idle connection costs no buffer at all.
+
+    Complete frames are taken with :meth:`frames`. Once a violation is found
+    the decoder is broken: the frames before it are still returned, then
+    every later call raises the same exception, and no later input is used.
     """
+
+    DIRECT_BODY = 64 * 1024  # bodies this large are received into their own buffer
+    SCRATCH_SIZE = 64 * 1024  # bytes read at a time between large bodies
+    SPARE_BODIES = 8  # returned body buffers kept for reuse
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or _DEFAULT_LIMITS
-        self._buf = bytearray()
-        self._pos = 0
-        self._header: dict[str, Any] | None = None
+        self._scratch: bytearray | None = None
+        self._start = 0  # scratch[_start:_end] is received and not yet part of a frame
+        self._end = 0
+        self._header: dict[str, Any] | None = None  # parsed, its body not complete
         self._body_len = 0
+        self._body: bytearray | None = None  # a large body being received in place
+        self._body_filled = 0
+        self._frame_len = 0  # bytes of the frame being received, prefix and header included
+        self._spare: list[bytearray] = []  # body buffers given back with reuse_body()
+        self._ready: deque[tuple[Frame, int]] = deque()  # and each one's length
+        self._ready_bytes = 0
         self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
-        return len(self._buf) - self._pos
+        return self._ready_bytes + (self._end - self._start) + self._body_filled
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Append received bytes; never parses, so never raises."""
-        if self._error is None:
-            self._buf += data
+        """Take bytes read elsewhere; never raises (a violation waits for :meth:`frames`)."""
+        with memoryview(data) as view:
+            while view and self._error is None:
+                buf = self.get_buffer(len(view))
+                n = min(len(buf), len(view))
+                buf[:n] = view[:n]
+                buf.release()
+                self.buffer_updated(n)
+                view = view[n:]
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next bytes read should go: never empty.
+
+        Write at most ``len()`` bytes into it, release it, then report how
+        many with :meth:`buffer_updated`.
+        """
+        if self._body is not None:
+            return memoryview(self._body)[self._body_filled :]
+        if self._scratch is None:
+            self._scratch = bytearray(self.SCRATCH_SIZE)
+        elif self._end == len(self._scratch):
+            self._make_room()
+        return memoryview(self._scratch)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the last :meth:`get_buffer`; never raises."""
+        if self._error is not None:
+            self._drop_input()
+            return
+        if self._body is not None:
+            self._body_filled += nbytes
+            if self._body_filled == len(self._body):
+                self._emit(self._body)
+            return
+        self._end += nbytes
+        try:
+            self._parse()
+        except ProtocolError as exc:
+            self._error = exc
+            self._drop_input()
+        if self._start == self._end:
+            self._scratch = None  # nothing partial: hold no buffer while idle
+            self._start = self._end = 0
 
     def frames(self) -> Iterator[Frame]:
-        """Yield every complete frame buffered so far.
+        """Yield every complete frame received so far.
 
         Raises:
             FrameTooLarge: a declared length is over its limit.
             ProtocolError: a header is malformed.
         """
+        while self._ready:
+            frame, length = self._ready.popleft()
+            self._ready_bytes -= length
+            yield frame
         if self._error is not None:
             raise self._error
-        try:
-            while True:
-                frame = self._next_frame()
-                if frame is None:
-                    break
-                yield frame
-        except ProtocolError as exc:
-            self._error = exc
-            self._buf = bytearray()
-            self._pos = 0
-            raise
-        finally:
-            if self._pos:
-                del self._buf[: self._pos]
-                self._pos = 0
 
-    def _next_frame(self) -> Frame | None:
-        buf, pos = self._buf, self._pos
-        if self._header is None:
-            if len(buf) - pos < PREFIX_LEN:
-                return None
-            (header_len,) = _PREFIX.unpack_from(buf, pos)
-            if header_len > self.limits.max_header:
-                raise FrameTooLarge("header", header_len, self.limits.max_header)
-            if header_len == 0:
-                raise ProtocolError("frame header is empty")
-            if len(buf) - pos < PREFIX_LEN + header_len:
-                return None
-            start = pos + PREFIX_LEN
-            header = parse_header(bytes(buf[start : start + header_len]), self.limits)
-            self._pos = pos = start + header_len
-            self._header = header
-            self._body_len = header.get("body_len", 0)
-        if len(buf) - pos < self._body_len:
-            return None
-        header = self._header
-        if self._body_len:
-            # One copy, straight from the buffer: slicing the bytearray first
-            # would copy every body twice. The view is released at once, so
-            # the buffer can be resized again.
-            with memoryview(buf) as view:
-                body = bytes(view[pos : pos + self._body_len])
-        else:
-            body = _EMPTY
-        self._pos = pos + self._body_len
-        self._header = None
-        return Frame(header, body)
+    def reuse_body(self, body: Body) -> None:
+        """Give back the body of a frame from :meth:`frames` once nothing refers to it.
+
+        Its buffer is then filled with a later body of the same size: a new
+        megabyte buffer costs page faults and zeroing, about as much as
+        receiving it. The caller must keep no reference (nor a view) to it.
+        """
+        if type(body) is bytearray and len(self._spare) < self.SPARE_BODIES:
+            self._spare.append(body)
+
+    def _new_body(self, size: int) -> bytearray:
+        for i, spare in enumerate(self._spare):
+            if len(spare) == size:
+                return self._spare.pop(i)
+        return bytearray(size)
+
+    def _parse(self) -> None:
+        scratch = self._scratch
+        assert scratch is not None
+        while True:
+            start, available = self._start, self._end - self._start
+            if self._header is None:
+                if available < PREFIX_LEN:
+                    return
+                (header_len,) = _PREFIX.unpack_from(scratch, start)
+                if header_len > self.limits.max_header:
+                    raise FrameTooLarge("header", header_len, self.limits.max_header)
+                if header_len == 0:
+                    raise ProtocolError("frame header is empty")
+                if available < PREFIX_LEN + header_len:
+                    self._reserve(PREFIX_LEN + header_len)
+                    return
+                begin = start + PREFIX_LEN
+                header = parse_header(bytes(scratch[begin : begin + header_len]), self.limits)
+                self._header, self._body_len = header, header.get("body_len", 0)
+                self._frame_len = PREFIX_LEN + header_len + self._body_len
+                self._start = start = begin + header_len
+                available = self._end - start
+            body_len = self._body_len
+            if body_len >= self.DIRECT_BODY:
+                # Move what already arrived into the body's own buffer; the
+                # kernel writes the rest there directly (get_buffer).
+                body = self._new_body(body_len)
+                taken = min(available, body_len)
+                with memoryview(scratch) as view:
+                    body[:taken] = view[start : start + taken]
+                self._start += taken
+                if taken == body_len:
+                    self._emit(body)
+                    continue
+                self._body, self._body_filled = body, taken
+                return
+            if available < body_len:
+                self._reserve(body_len)
+                return
+            with memoryview(scratch) as view:
+                self._emit(bytes(view[start : start + body_len]) if body_len else _EMPTY)
+            self._start = start + body_len
+
+    def _emit(self, body: Body) -> None:
+        assert self._header is not None
+        self._ready.append((Frame(self._header, body), self._frame_len))
+        self._ready_bytes += self._frame_len
+        self._header, self._body_len = None, 0
+        self._body, self._body_filled = None, 0
+
+    def _reserve(self, needed: int) -> None:
+        """Make sure the scratch can hold ``needed`` bytes from ``_start`` (a big header)."""
+        assert self._scratch is not None
+        if len(self._scratch) < needed:
+            bigger = bytearray(needed)
+            bigger[: self._end - self._start] = self._scratch[self._start : self._end]
+            self._scratch, self._end, self._start = bigger, self._end - self._start, 0
+
+    def _make_room(self) -> None:
+        """Move a partial frame to the front of a full scratch buffer."""
+        assert self._scratch is not None
+        left = self._end - self._start
+        self._scratch[:left] = self._scratch[self._start : self._end]
+        self._start, self._end = 0, left
+
+    def _drop_input(self) -> None:
+        self._scratch, self._start, self._end = None, 0, 0
+        self._header, self._body, self._body_filled = None, None, 0

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from .exceptions import ProtocolError
-from .frames import Frame
+from .frames import Body, Frame
 
 __all__ = [
     "CLIENT_MESSAGES",
@@ -156,7 +156,7 @@ class Echo(Message):
 
     OP = Op.ECHO
     HAS_BODY = True
-    body: bytes = b""
+    body: Body = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +195,7 @@ class Stdin(Message):
 
     OP = Op.STDIN
     HAS_BODY = True
-    body: bytes = b""
+    body: Body = b""
     eof: bool = False
 
 
@@ -232,14 +232,14 @@ class HelloReply(Message):
 class Stdout(Message):
     OP = Op.STDOUT
     HAS_BODY = True
-    body: bytes = b""
+    body: Body = b""
 
 
 @dataclass(frozen=True, slots=True)
 class Stderr(Message):
     OP = Op.STDERR
     HAS_BODY = True
-    body: bytes = b""
+    body: Body = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +259,7 @@ class Ok(Message):
 
     OP = Op.OK
     HAS_BODY = True
-    body: bytes = b""
+    body: Body = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +379,7 @@ class Data(Message):
 
     OP = Op.DATA
     HAS_BODY = True
-    body: bytes = b""
+    body: Body = b""
     offset: int | None = None
 
     def problem(self) -> str | None:
@@ -475,7 +475,7 @@ class Entries(Message):
 
     OP = Op.ENTRIES
     HAS_BODY = True
-    body: bytes = b""
+    body: Body = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,10 +521,10 @@ SERVER_MESSAGES: dict[str, type[Message]] = {
 # Encoding and decoding ------------------------------------------------------
 
 
-def to_frame_parts(msg: Message) -> tuple[dict[str, Any], bytes]:
+def to_frame_parts(msg: Message) -> tuple[dict[str, Any], Body]:
     """The header object and body of ``msg``; ``None`` fields are left out."""
     header: dict[str, Any] = {"op": msg.OP.value, "id": msg.id}
-    body = b""
+    body: Body = b""
     for name in _FIELDS[type(msg)]:
         value = getattr(msg, name)
         if name == "body":
@@ -657,6 +657,8 @@ _CHECKERS: dict[Any, _Checker] = {
 
 
 def _checker_for(annotation: Any) -> _Checker:
+    if annotation == Body:
+        return _CHECKERS[bytes]  # the body is never in the header
     if isinstance(annotation, types.UnionType):
         # "X | None": None is handled by the caller as "absent".
         (inner,) = (a for a in typing.get_args(annotation) if a is not type(None))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .exceptions import FrameTooLarge, ProtocolError
-from .frames import Frame, FrameDecoder, encode_frame_head
+from .frames import Body, Frame, FrameDecoder, encode_frame_head
 from .limits import PROTOCOL_VERSION, Limits
 from .messages import (
     Echo,
@@ -113,7 +113,7 @@ class _Base:
         self.state = State.AWAIT_HELLO
         self._decoder = FrameDecoder(self.limits)
         self._events: list[Event] = []
-        self._out: list[bytes] = []
+        self._out: list[Body] = []
 
     @property
     def closed(self) -> bool:
@@ -124,7 +124,7 @@ class _Base:
         events, self._events = self._events, []
         return events
 
-    def data_to_send(self) -> list[bytes]:
+    def data_to_send(self) -> list[Body]:
         """Buffers to write, in order; each is returned once."""
         out, self._out = self._out, []
         return out
@@ -163,10 +163,32 @@ class _Base:
         return False
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed received bytes; never raises."""
+        """Feed bytes read elsewhere; never raises."""
         if self.state is State.CLOSED:
             return
         self._decoder.receive_data(data)
+        self._handle_frames()
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where to read the next bytes into (asyncio's ``BufferedProtocol``); never empty.
+
+        A large body is read straight into its own buffer: the only copy.
+        """
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were read into the last :meth:`get_buffer`; never raises."""
+        if self.state is State.CLOSED:
+            return  # later input is discarded
+        self._decoder.buffer_updated(nbytes)
+        self._handle_frames()
+
+    def reuse_body(self, body: Body) -> None:
+        """A received body is no longer used: its buffer may take a later one
+        (see :meth:`FrameDecoder.reuse_body`)."""
+        self._decoder.reuse_body(body)
+
+    def _handle_frames(self) -> None:
         if self._waiting:
             return
         try:
@@ -210,7 +232,7 @@ class ServerProtocol(_Base):
             self.send(reply)
             self.state = State.OPEN
             self._hello_pending = False
-            self.receive_data(b"")  # requests pipelined behind the hello
+            self._handle_frames()  # requests pipelined behind the hello
 
     def reject_hello(self, code: str, message: str) -> None:
         """Refuse the hello: error frame, then closed."""

@@ -123,7 +123,7 @@ class _Closed:
         self.error = error
 
 
-class _ClientConnection(asyncio.Protocol):
+class _ClientConnection(asyncio.BufferedProtocol):
     """Moves bytes between a socket and a :class:`ClientProtocol`."""
 
     def __init__(self, limits: Limits) -> None:
@@ -145,8 +145,12 @@ class _ClientConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def data_received(self, data: bytes) -> None:
-        self.protocol.receive_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Large bodies (a get's data) are read straight into their own buffer.
+        return self.protocol.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.protocol.buffer_updated(nbytes)
         for event in self.protocol.events_received():
             if isinstance(event, ReplyReceived):
                 self._route(event.message)
@@ -270,9 +274,9 @@ class RemoteProcess:
                 raise msg.error
             self._wire.consumed(msg)
             if isinstance(msg, Stdout):
-                return Output("stdout", msg.body)
+                return Output("stdout", bytes(msg.body))
             if isinstance(msg, Stderr):
-                return Output("stderr", msg.body)
+                return Output("stderr", bytes(msg.body))
             if isinstance(msg, Exit):
                 self._forget()
                 self.exit_status = ExitStatus(
@@ -496,7 +500,9 @@ class Connection:
             raise RemoteError(msg.code, msg.message)
         if not isinstance(msg, Ok):
             raise ProtocolError(f"echo answered with {msg.OP}")
-        return msg.body.decode("utf-8", "surrogateescape") if isinstance(data, str) else msg.body
+        if isinstance(data, str):
+            return msg.body.decode("utf-8", "surrogateescape")
+        return bytes(msg.body)
 
     async def exec(
         self,

@@ -251,13 +251,13 @@ class PartialFile(_ThreadedFile):
             raise error_from_os(exc, self.shown) from None
         self.pos = offset
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray) -> None:
         try:
             await self._in_thread(self._write, data)
         except OSError as exc:
             raise error_from_os(exc, self.shown) from None
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:
             written = os.pwrite(self.fd, view, self.pos)

@@ -200,6 +200,7 @@ class PutReceiver:
                 raise RemoteError(ErrorCode.BAD_REQUEST, "put: more data than the declared size")
             await self.partial.write(msg.body)
             self.buffered -= len(msg.body)
+            self.conn.protocol.reuse_body(msg.body)
             if self.buffered <= PUT_BUFFER // 2:
                 self.conn.release_input(self)
 

@@ -103,7 +103,7 @@ class Controller(Protocol):
     def resume_output(self) -> None: ...
 
 
-class ServerConnection(asyncio.Protocol):
+class ServerConnection(asyncio.BufferedProtocol):
     """One client connection: its protocol state, its running requests."""
 
     def __init__(self, server: Server) -> None:
@@ -162,9 +162,13 @@ class ServerConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._hello_timer = loop.call_later(server.config.hello_timeout, self._hello_timeout)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Large bodies (a put's data) are read straight into their own buffer.
+        return self.protocol.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         self._last_input = time.monotonic()
-        self.protocol.receive_data(data)
+        self.protocol.buffer_updated(nbytes)
         self._process_events()
 
     def eof_received(self) -> bool | None:

@@ -178,6 +178,7 @@ async def get_file(
         ticker.update(info.offset)
         while isinstance(msg := await _reply(conn, queue), Data):
             await partial.write(msg.body)
+            conn._wire.protocol.reuse_body(msg.body)
             ticker.update(partial.pos)
         done: Done = _expect(msg, Done)
         conn._forget(request_id)
