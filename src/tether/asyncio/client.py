@@ -7,7 +7,7 @@ import builtins
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -132,6 +132,9 @@ class _ClientConnection(asyncio.BufferedProtocol):
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future[HelloReply] = loop.create_future()
         self.queues: dict[int, asyncio.Queue[Message | _Closed]] = {}
+        # Requests answered by exactly one frame (echo, stat...): a future is
+        # a good deal cheaper than a queue on the busiest path there is.
+        self.replies: dict[int, asyncio.Future[Message]] = {}
         self.error: Exception | None = None
         self._unread = 0
         self._reading_paused = False
@@ -162,6 +165,11 @@ class _ClientConnection(asyncio.BufferedProtocol):
         if isinstance(msg, HelloReply):
             if not self.hello.done():
                 self.hello.set_result(msg)
+            return
+        waiter = self.replies.pop(msg.id, None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(msg)
             return
         queue = self.queues.get(msg.id)
         if queue is None:
@@ -207,6 +215,9 @@ class _ClientConnection(asyncio.BufferedProtocol):
             self.hello.exception()  # retrieved: connect() may already be gone
         for queue in self.queues.values():
             queue.put_nowait(_Closed(self.error))
+        for waiter in self.replies.values():
+            if not waiter.done():
+                waiter.set_exception(self.error)
         self._writable.set()
         if transport := self._live():
             transport.close()
@@ -405,6 +416,28 @@ class Connection:
     def _forget(self, request_id: int) -> None:
         self._wire.forget(request_id)
 
+    async def _request(self, msg_factory: Callable[[int], Message]) -> Message:
+        """Send a request that is answered by one frame, and return that frame.
+
+        Raises:
+            RemoteError: the answer is an ``error`` frame.
+            TetherError: the connection ended first.
+        """
+        wire = self._wire
+        if wire.error is not None:
+            raise wire.error
+        request_id = wire.protocol.new_request_id()
+        waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        wire.replies[request_id] = waiter
+        try:
+            wire.send(msg_factory(request_id))
+            msg = await waiter
+        finally:
+            wire.replies.pop(request_id, None)
+        if isinstance(msg, Error):
+            raise RemoteError(msg.code, msg.message)
+        return msg
+
     # Files (docs/protocol.md §5) -------------------------------------------------
 
     async def stat(self, path: str, *, follow: bool = False) -> RemoteStat:
@@ -488,16 +521,7 @@ class Connection:
         """Send ``data`` to the agent and return what came back (same type)."""
         # surrogateescape: a command-line argument that is not UTF-8 echoes as its bytes.
         body = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
-        request_id, queue = self._open(lambda i: Echo(i, body=body))
-        try:
-            msg = await queue.get()
-        finally:
-            self._wire.forget(request_id)
-        if isinstance(msg, _Closed):
-            raise msg.error
-        self._wire.consumed(msg)
-        if isinstance(msg, Error):
-            raise RemoteError(msg.code, msg.message)
+        msg = await self._request(lambda i: Echo(i, body=body))
         if not isinstance(msg, Ok):
             raise ProtocolError(f"echo answered with {msg.OP}")
         if isinstance(data, str):

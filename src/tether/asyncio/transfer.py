@@ -109,11 +109,7 @@ def _expect(msg: Message, kind: type[Any]) -> Any:
 
 
 async def _simple(conn: Connection, factory: Callable[[int], Message], kind: type[Any]) -> Any:
-    request_id, queue = conn._open(factory)
-    try:
-        return _expect(await _reply(conn, queue), kind)
-    finally:
-        conn._forget(request_id)
+    return _expect(await conn._request(factory), kind)
 
 
 async def stat_path(conn: Connection, path: str, *, follow: bool = False) -> RemoteStat:
