@@ -26,6 +26,8 @@ class AuditLog:
 
     def record(self, event: str, **fields: Any) -> None:
         """Record ``event`` with ``fields`` (JSON-serializable values)."""
+        if self._file is None and not log.isEnabledFor(logging.INFO):
+            return  # nobody reads it: skip the formatting, on every request
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
         line = json.dumps({"time": now, "event": event, **fields}, default=str)
         if self._file is not None:

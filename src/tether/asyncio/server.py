@@ -61,6 +61,7 @@ log = logging.getLogger("tether.server")
 AUTH_FAILURE_DELAY = 0.2  # seconds before a refused hello is answered
 EARLY_CONTROL_BYTES = 16 * 1024 * 1024  # 16 MiB of frames waiting for a handler: stop reading
 PORT_ATTEMPTS = 20  # tries to find a free TCP+UDP port pair for --port 0
+IDLE_SWEEP_MAX = 5.0  # seconds between idle checks at the most (a quarter of the timeout if less)
 
 
 @dataclass
@@ -118,15 +119,18 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.controllers: dict[int, Controller] = {}
         self._cancelled: dict[int, Cancel] = {}
-        self._writable = asyncio.Event()
-        self._writable.set()
+        # Per-connection memory counts: an agent may hold 10,000 idle
+        # connections. The writers' wake-up event is made when one first
+        # has to wait; idle time is checked by one sweep for the whole agent.
+        self.writing_paused = False
+        self._write_wakeup: asyncio.Event | None = None
         self._hello_timer: asyncio.TimerHandle | None = None
-        self._input_holders: set[object] = set()
+        self._input_holders: dict[object, None] = {}  # a set, in a quarter of the memory
         self._early_controls: dict[int, list[Message]] = {}
         self._early_bytes = 0
         self._early_key = object()  # holds input while early frames pile up
         self._takes_controls: dict[int, bool] = {}
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_input = 0.0
         self.address_key: str | None = None  # what failed hellos are counted by
         self.execs = 0
         self._notes: dict[int, dict[str, Any]] = {}
@@ -180,26 +184,29 @@ class ServerConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.unauthenticated.discard(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
         self.server.audit.record("disconnect", peer=self.peer, identity=self.identity)
-        self._writable.set()  # wake writers: drain() now raises
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
+        self._wake_writers()  # drain() now raises
+        self._cancel_hello_timer()
         for task in self.tasks.values():
             task.cancel()
         self.server.connections.discard(self)
         log.debug("%s: disconnected", self.peer)
 
     def pause_writing(self) -> None:
-        self._writable.clear()
+        self.writing_paused = True
         for controller in self.controllers.values():
             controller.pause_output()
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        self.writing_paused = False
+        self._wake_writers()
         for controller in self.controllers.values():
             controller.resume_output()
+
+    def _wake_writers(self) -> None:
+        if self._write_wakeup is not None:
+            self._write_wakeup.set()
+            self._write_wakeup = None
 
     # What handlers and runners use ----------------------------------------------
 
@@ -213,12 +220,12 @@ class ServerConnection(asyncio.BufferedProtocol):
         """Stop reading from the client until ``release_input(key)``."""
         if not self._input_holders and self.transport is not None and not self.closed:
             self.transport.pause_reading()
-        self._input_holders.add(key)
+        self._input_holders[key] = None
 
     def release_input(self, key: object) -> None:
         if key not in self._input_holders:
             return
-        self._input_holders.discard(key)
+        del self._input_holders[key]
         if not self._input_holders and self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
@@ -231,14 +238,17 @@ class ServerConnection(asyncio.BufferedProtocol):
         Raises:
             ConnectionClosed: the client is gone.
         """
-        await self._writable.wait()
+        while self.writing_paused and not self.closed:
+            if self._write_wakeup is None:
+                self._write_wakeup = asyncio.Event()
+            await self._write_wakeup.wait()
         if self.closed:
             raise ConnectionClosed("the client went away")
 
     def attach(self, request_id: int, controller: Controller) -> None:
         """Route this request's control frames to ``controller``, early ones first."""
         self.controllers[request_id] = controller
-        if not self._writable.is_set():  # the socket is full right now
+        if self.writing_paused:  # the socket is full right now
             controller.pause_output()
         for msg in self._drop_early_controls(request_id):
             controller.control(msg)
@@ -329,9 +339,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         identity = result
         self.identity = identity
         self.server.unauthenticated.discard(self)
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
-        self._arm_idle_timer()
+        self._cancel_hello_timer()
+        self._last_input = time.monotonic()
         config = self.server.config
         self.protocol.accept_hello(
             HelloReply(
@@ -350,21 +359,24 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.protocol.reject_hello(ErrorCode.AUTH_FAILED, reason)
         self._close()
 
-    def _arm_idle_timer(self) -> None:
-        timeout = self.server.config.idle_timeout
-        self._last_input = time.monotonic()
-        self._idle_timer = asyncio.get_running_loop().call_later(timeout, self._check_idle)
+    def _cancel_hello_timer(self) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None  # a cancelled handle still holds memory
 
-    def _check_idle(self) -> None:
-        # Idle means nothing received and nothing running for a whole period;
-        # a client keeps a quiet connection alive with echo (its keepalive).
-        if self.closed:
+    def check_idle(self, now: float) -> None:
+        """Close the connection if it was idle for the whole ``idle_timeout``.
+
+        Idle means nothing received and nothing running; a client keeps a
+        quiet connection alive with echo (its keepalive).
+        """
+        if self.closed or self.identity is None:
+            return
+        if self.tasks:
+            self._last_input = now  # running is not idle
             return
         timeout = self.server.config.idle_timeout
-        quiet_for = time.monotonic() - self._last_input
-        if self.tasks or quiet_for < timeout:
-            delay = timeout - quiet_for if not self.tasks else timeout
-            self._idle_timer = asyncio.get_running_loop().call_later(delay, self._check_idle)
+        if now - self._last_input < timeout:
             return
         self.protocol.fail(ErrorCode.IDLE_TIMEOUT, f"idle for {timeout:g}s")
         self.server.audit.record("idle_timeout", peer=self.peer, identity=self.identity)
@@ -579,6 +591,7 @@ class Server:
             initial, FailureLimiter(max_failures=config.max_auth_failures)
         )
         self._tokens_mtime: int | None = None
+        self._idle_sweep: asyncio.TimerHandle | None = None
         if config.tokens_file is not None and os.path.lexists(config.tokens_file):
             # Refuse to start on an unsafe or malformed file, not later.
             self.authenticator.tokens = initial | load_tokens(config.tokens_file)
@@ -643,6 +656,16 @@ class Server:
                         raise
         if config.unix_path:
             await self._start_unix(config.unix_path)
+        self._sweep_idle()
+
+    def _sweep_idle(self) -> None:
+        # One timer for the agent, not one per connection: a close may come
+        # up to a quarter of the timeout (at most IDLE_SWEEP_MAX) late.
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.check_idle(now)
+        interval = min(self.config.idle_timeout / 4, IDLE_SWEEP_MAX)
+        self._idle_sweep = asyncio.get_running_loop().call_later(interval, self._sweep_idle)
 
     async def _start_inet(self, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -706,6 +729,8 @@ class Server:
     async def close(self) -> None:
         """Stop accepting, give running requests ``grace`` seconds, end the rest."""
         self.stopping = True
+        if self._idle_sweep is not None:
+            self._idle_sweep.cancel()
         servers = list(self._servers)
         self._close_listeners()
         if self._unix_bound is not None:  # never another agent's socket

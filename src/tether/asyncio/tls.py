@@ -30,16 +30,16 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path, bool]:
     Returns:
         The certificate path, the key path, and whether they were made now.
     """
-    # cryptography is imported here, not at the top: clients never need it,
-    # and it is a fifth of a client's start-up time.
+    cert_path, key_path = state_dir / CERT_FILE, state_dir / KEY_FILE
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path, False
+    # cryptography is imported only to make a certificate: clients never need
+    # it, and it stays in an agent's memory (8 MiB) once loaded.
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    cert_path, key_path = state_dir / CERT_FILE, state_dir / KEY_FILE
-    if cert_path.exists() and key_path.exists():
-        return cert_path, key_path, False
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     host = socket.gethostname()
@@ -71,12 +71,18 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path, bool]:
 
 
 def fingerprint_of_file(cert_path: Path) -> str:
-    """The SHA-256 fingerprint of the first certificate in a PEM file."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
+    """The SHA-256 fingerprint of the first certificate in a PEM file.
 
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    return fingerprint(cert.public_bytes(serialization.Encoding.DER))
+    Raises:
+        ValueError: the file holds no PEM certificate.
+    """
+    text = cert_path.read_text(errors="replace")
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    start = text.find(begin)
+    stop = text.find(end, start)
+    if start < 0 or stop < 0:
+        raise ValueError(f"{cert_path}: no PEM certificate in it")
+    return fingerprint(ssl.PEM_cert_to_DER_cert(text[start : stop + len(end)]))
 
 
 def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
