@@ -556,15 +556,27 @@ def test_protocol_error_ends_the_connections_commands(agent: Agent, flood: bool)
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_cancel_honoured_after_the_command_closed_a_full_stdin(agent: Agent) -> None:
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        # More than the pipe (64 KiB) and the agent's transport buffers hold.
+        [b"x" * 300_000, b"y" * 300_000],
+        # More than the agent keeps for a command (16 MiB) before it stops
+        # reading the client: only seeing the pipe close lets it read again.
+        [bytes([i]) * 1024 * 1024 for i in range(40)],
+    ],
+    ids=["600KB", "40MiB"],
+)
+def test_cancel_honoured_after_the_command_closed_a_full_stdin(
+    agent: Agent, pieces: list[bytes]
+) -> None:
     tag = unique_seconds()
     with RawClient(tcp_address(agent), IO_TIMEOUT, tls=agent.tls) as raw:
         raw.hello(agent.token)
         shell = f"sleep 1; exec 0<&-; echo closed-stdin; exec sleep {tag}"
         raw.send_frame({"op": "exec", "id": 1, "shell": shell, "stdin": True})
-        # More than the pipe (64 KiB) and the agent's transport buffers hold.
-        raw.send_frame({"op": "stdin", "id": 1}, b"x" * 300_000)
-        raw.send_frame({"op": "stdin", "id": 1}, b"y" * 300_000)
+        for piece in pieces:
+            raw.send_frame({"op": "stdin", "id": 1}, piece)
         pgid = find_group(tag)
         try:
             time.sleep(2.5)  # the command has closed its stdin with input still pending

@@ -18,6 +18,7 @@ from typing import Any, Protocol, cast
 
 from ..exceptions import RemoteError
 from ..messages import ErrorCode, Exec, Exit, Message, Signal, Stderr, Stdin, Stdout
+from .child import Child, spawn
 
 __all__ = ["ExecRunner", "OutputSink"]
 
@@ -76,7 +77,7 @@ class ExecRunner:
         self.sink = sink
         self.cwd = cwd
         self.env = env
-        self.transport: asyncio.SubprocessTransport | None = None
+        self.transport: Child | None = None
         self.timed_out = False
         self._open_pipes = {_STDOUT, _STDERR}
         self._exited = asyncio.get_running_loop().create_future()
@@ -104,15 +105,9 @@ class ExecRunner:
         loop = asyncio.get_running_loop()
         argv = self.argv
         try:
-            transport, _ = await loop.subprocess_exec(
-                lambda: _ChildProtocol(self),
-                *argv,
-                stdin=asyncio.subprocess.PIPE if self.request.stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=self.cwd,
-                env=self.env,
-                start_new_session=True,  # its own process group, so all of it can be signalled
+            # A new session: its own process group, so all of it can be signalled.
+            transport = await spawn(
+                _ChildProtocol(self), argv, stdin=self.request.stdin, cwd=self.cwd, env=self.env
             )
         except FileNotFoundError:
             raise RemoteError(ErrorCode.NOT_FOUND, f"no such program: {argv[0]}") from None
@@ -252,7 +247,7 @@ class ExecRunner:
         if self.transport is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
-            os.killpg(self.transport.get_pid(), sig)
+            os.killpg(self.transport.pid, sig)
 
     def _on_timeout(self) -> None:
         self.timed_out = True
@@ -279,14 +274,14 @@ class ExecRunner:
         if self.transport is None:
             return False
         try:
-            os.killpg(self.transport.get_pid(), 0)
+            os.killpg(self.transport.pid, 0)
         except (ProcessLookupError, PermissionError):
             return False
         return True
 
     def _exit_message(self) -> Exit:
         assert self.transport is not None
-        code = self.transport.get_returncode()
+        code = self.transport.returncode
         if code is not None and code < 0:
             try:
                 name: str | None = signal.Signals(-code).name.removeprefix("SIG")
