@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 from .exceptions import UsageError
@@ -19,6 +18,13 @@ __all__ = [
 TOKEN_ENV = "TETHER_TOKEN"
 TOKEN_FILE_NAME = "token"
 TOKEN_BYTES = 32  # 256 bits of randomness, url-safe base64 on disk
+
+
+def new_token() -> str:
+    """A fresh random token."""
+    import secrets  # here: a client that only reads tokens never needs it
+
+    return secrets.token_urlsafe(TOKEN_BYTES)
 
 
 def default_state_dir() -> Path:
@@ -55,7 +61,7 @@ def create_token_file(state_dir: Path) -> tuple[str, Path, bool]:
     """
     path = state_dir / TOKEN_FILE_NAME
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(TOKEN_BYTES)
+    token = new_token()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -155,7 +161,7 @@ def add_token(path: str | os.PathLike[str], name: str) -> str:
     if os.path.exists(path) and name in load_tokens(path).values():
         raise UsageError(f"a token named {name!r} already exists in {os.fspath(path)}")
     Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(TOKEN_BYTES)
+    token = new_token()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(f"{name} {token}\n")

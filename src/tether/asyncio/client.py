@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequenc
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from ..addresses import Address, parse_address
 from ..exceptions import (
@@ -51,8 +51,11 @@ from ..messages import (
 )
 from ..protocol import ClientProtocol, ConnectionFailed, ReplyReceived
 from ..tokens import find_client_token
-from . import tls, transfer
-from .transfer import RemoteStat
+from . import tls
+
+if TYPE_CHECKING:
+    from . import transfer
+    from .transfer import RemoteStat
 
 __all__ = ["CommandResult", "Connection", "ExitStatus", "Output", "RemoteProcess", "connect"]
 
@@ -443,14 +446,20 @@ class Connection:
     async def stat(self, path: str, *, follow: bool = False) -> RemoteStat:
         """Describe ``path`` on the agent; a final symlink itself unless ``follow``
         (then its target, which must lie inside the agent's root)."""
+        from . import transfer  # here: commands that move no files never load it
+
         return await transfer.stat_path(self, path, follow=follow)
 
     async def listdir(self, path: str) -> list[RemoteStat]:
         """The entries of a remote directory, sorted by name, each with ``name`` set."""
+        from . import transfer
+
         return await transfer.listdir(self, path)
 
     async def mkdir(self, path: str, mode: int | None = None) -> None:
         """Make a remote directory (an existing one is fine)."""
+        from . import transfer
+
         await transfer.mkdir(self, path, mode)
 
     async def get(
@@ -473,6 +482,8 @@ class Connection:
             RemoteError: the agent refused (``not_found``, ``path_outside_root``...).
             TransferError: ``checksum_mismatch``, ``source_changed``, ``no_space``...
         """
+        from . import transfer
+
         return await transfer.get_file(
             self, remote, os.fspath(local), resume=resume, progress=progress
         )
@@ -486,6 +497,8 @@ class Connection:
         progress: transfer.Progress | None = None,
     ) -> transfer.TransferResult:
         """Upload the local file ``local`` to ``remote`` (see :meth:`get`)."""
+        from . import transfer
+
         return await transfer.put_file(
             self, os.fspath(local), remote, resume=resume, progress=progress
         )
@@ -500,6 +513,8 @@ class Connection:
     ) -> list[transfer.TransferResult]:
         """Download the directory ``remote`` as ``local``: files, empty
         directories, symlinks (as links), modes and mtimes."""
+        from . import transfer
+
         return await transfer.get_tree(
             self, remote, os.fspath(local), resume=resume, progress=progress
         )
@@ -513,6 +528,8 @@ class Connection:
         progress: transfer.Progress | None = None,
     ) -> list[transfer.TransferResult]:
         """Upload the directory ``local`` as ``remote`` (see :meth:`get_tree`)."""
+        from . import transfer
+
         return await transfer.put_tree(
             self, os.fspath(local), remote, resume=resume, progress=progress
         )
