@@ -5,7 +5,10 @@ agent (``python -m tether serve --port 0``) with its own temporary state
 directory, and measures through the public API on ONE connection:
 
 - echo round trips per second, 64-byte payload: one at a time, and 100 in flight;
-- exec calls per second (``true``): one at a time, and 20 in flight.
+- exec calls per second (``true``): one at a time, and 20 in flight;
+
+and on 100 connections at once, each with one echo in flight at a time (the
+peer's client there is ``echo_load.LoadConnection``).
 
 For comparison, in the same run:
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import signal
 import socket
 import statistics
@@ -31,18 +35,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 # Run as ``python bench/bench_requests.py``: ``bench/`` is on sys.path, so this imports
 # bench/common.py.
 import common
+import echo_load
+from echo_load import PAYLOAD
 
-PAYLOAD = b"x" * 64  # bytes per echo
+if TYPE_CHECKING:
+    import tether
+
 ECHO_N = 2000  # echo round trips per run
 ECHO_CONCURRENCY = 100  # echoes in flight in the concurrent row
+ECHO_CLIENTS = 100  # connections in the many-clients row, one echo in flight on each
 EXEC_N = 200  # commands per run
 EXEC_CONCURRENCY = 20  # commands in flight in the concurrent row
 RUN_TIMEOUT = 120.0  # seconds one run may take before the benchmark gives up
@@ -131,28 +140,32 @@ def start_peer_echo() -> tuple[subprocess.Popen[bytes], int]:
 
 # Measuring ----------------------------------------------------------------------------
 
+Op = Callable[[], Awaitable[object]]  # one request, awaited until its reply
 
-async def rate(op: Callable[[], Awaitable[object]], count: int, concurrency: int) -> float:
-    """Operations per second: ``count`` calls of ``op``, ``concurrency`` at a time."""
 
-    async def worker(n: int) -> None:
+async def rate_over(ops: Sequence[Op], count: int) -> float:
+    """Operations per second: ``count`` calls in all, one worker per op in ``ops``
+    (each calling its op one at a time), the workers at once."""
+
+    async def worker(op: Op, n: int) -> None:
         for _ in range(n):
             await op()
 
-    shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
+    shares = [count // len(ops) + (i < count % len(ops)) for i in range(len(ops))]
     started = time.perf_counter()
     async with asyncio.timeout(RUN_TIMEOUT), asyncio.TaskGroup() as tg:
-        for n in shares:
-            tg.create_task(worker(n))
+        for op, n in zip(ops, shares, strict=True):
+            tg.create_task(worker(op, n))
     return count / (time.perf_counter() - started)
 
 
+async def rate(op: Op, count: int, concurrency: int) -> float:
+    """Operations per second: ``count`` calls of ``op``, ``concurrency`` at a time."""
+    return await rate_over([op] * concurrency, count)
+
+
 async def median_rates(
-    ours: Callable[[], Awaitable[object]],
-    theirs: Callable[[], Awaitable[object]],
-    count: int,
-    concurrency: int,
-    runs: int,
+    ours: Op, theirs: Op, count: int, concurrency: int, runs: int
 ) -> tuple[float, float]:
     """Median rates of tether's op and the peer's, their runs interleaved.
 
@@ -167,6 +180,50 @@ async def median_rates(
     return statistics.median(our_rates), statistics.median(their_rates)
 
 
+async def local_spawn() -> None:
+    """One local ``true``, stdout and stderr piped, as the agent runs it."""
+    proc = await asyncio.create_subprocess_exec(
+        "true",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await proc.communicate()
+    if proc.returncode != 0:
+        raise AssertionError(f"true exited {proc.returncode}")
+
+
+def spawn_rate_stdlib(count: int, concurrency: int) -> float:
+    """``local_spawn`` calls per second on a stdlib asyncio loop of its own.
+
+    Run it in a worker thread (``asyncio.to_thread``) of a uvloop program: uvloop
+    spawns processes 2-4x slower than the stdlib loop here (about 250/s against
+    1,000/s one at a time), so the stdlib loop is the fair local peer.
+    """
+    return asyncio.run(rate(local_spawn, count, concurrency))
+
+
+def tether_echo(conn: tether.Connection) -> Op:
+    """``conn.echo(64 bytes)``, reply checked."""
+
+    async def op() -> None:
+        if await conn.echo(PAYLOAD) != PAYLOAD:
+            raise AssertionError("the echo came back different")
+
+    return op
+
+
+def tether_exec(conn: tether.Connection) -> Op:
+    """``conn.run(["true"])``, exit status checked."""
+
+    async def op() -> None:
+        result = await conn.run(["true"])
+        if result.returncode != 0:
+            raise AssertionError(f"true exited {result.returncode}")
+
+    return op
+
+
 @dataclass
 class Row:
     name: str
@@ -176,9 +233,28 @@ class Row:
     peer: float
 
 
-async def measure(agent_port: int, token: str, peer_port: int, runs: int) -> list[Row]:
-    import tether
+async def many_clients(agent: common.Agent, peer_port: int, runs: int) -> Row:
+    """Echo with ECHO_CLIENTS connections at once, one echo in flight on each."""
+    async with contextlib.AsyncExitStack() as stack:
+        ours: list[Op] = []
+        theirs: list[Op] = []
+        for _ in range(ECHO_CLIENTS):
+            ours.append(tether_echo(await stack.enter_async_context(agent.connect())))
+            peer = await echo_load.open_load(peer_port, echo_load.LengthCodec())
+            stack.callback(peer.close)
+            theirs.append(peer.round_trip)
+        for ops in (ours, theirs):
+            await rate_over(ops, ECHO_CLIENTS)  # warm-up
+        our_rates, their_rates = [], []
+        for _ in range(runs):
+            our_rates.append(await rate_over(ours, ECHO_N))
+            their_rates.append(await rate_over(theirs, ECHO_N))
+    ours_median, theirs_median = statistics.median(our_rates), statistics.median(their_rates)
+    name = f"echo 64 B, {ECHO_CLIENTS} connections"
+    return Row(name, ECHO_N, ours_median, "asyncio echo", theirs_median)
 
+
+async def measure(agent: common.Agent, peer_port: int, runs: int) -> list[Row]:
     loop = asyncio.get_running_loop()
     _, peer = await loop.create_connection(PeerEchoClient, "127.0.0.1", peer_port)
 
@@ -186,45 +262,23 @@ async def measure(agent_port: int, token: str, peer_port: int, runs: int) -> lis
         if await peer.echo(PAYLOAD) != PAYLOAD:
             raise AssertionError("the peer echo came back different")
 
-    async def local_spawn() -> None:
-        proc = await asyncio.create_subprocess_exec(
-            "true",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        await proc.communicate()
-        if proc.returncode != 0:
-            raise AssertionError(f"true exited {proc.returncode}")
-
     rows = []
-    async with tether.connect(
-        f"127.0.0.1:{agent_port}", token=token, insecure_plaintext=True
-    ) as conn:
-
-        async def tether_echo() -> None:
-            if await conn.echo(PAYLOAD) != PAYLOAD:
-                raise AssertionError("the echo came back different")
-
-        async def tether_exec() -> None:
-            result = await conn.run(["true"])
-            if result.returncode != 0:
-                raise AssertionError(f"true exited {result.returncode}")
-
+    async with agent.connect() as conn:
+        echo, run = tether_echo(conn), tether_exec(conn)
         for name, op, peer_name, peer_op, count, concurrency in [
-            ("echo 64 B, sequential", tether_echo, "asyncio echo", peer_echo, ECHO_N, 1),
+            ("echo 64 B, sequential", echo, "asyncio echo", peer_echo, ECHO_N, 1),
             (
                 f"echo 64 B, {ECHO_CONCURRENCY} in flight",
-                tether_echo,
+                echo,
                 "asyncio echo",
                 peer_echo,
                 ECHO_N,
                 ECHO_CONCURRENCY,
             ),
-            ("exec true, sequential", tether_exec, "local spawn", local_spawn, EXEC_N, 1),
+            ("exec true, sequential", run, "local spawn", local_spawn, EXEC_N, 1),
             (
                 f"exec true, {EXEC_CONCURRENCY} in flight",
-                tether_exec,
+                run,
                 "local spawn",
                 local_spawn,
                 EXEC_N,
@@ -235,11 +289,12 @@ async def measure(agent_port: int, token: str, peer_port: int, runs: int) -> lis
             rows.append(Row(name, count, ours, peer_name, theirs))
             print(f"  {name}: done", file=sys.stderr, flush=True)
     peer.transport.close()
+    rows.insert(2, await many_clients(agent, peer_port, runs))
     return rows
 
 
 def print_table(rows: list[Row], runs: int) -> None:
-    header = ("what (one connection)", "N", "tether /s", "peer", "peer /s", "tether/peer")
+    header = ("what", "N", "tether /s", "peer", "peer /s", "tether/peer")
     lines = [
         (
             r.name,
@@ -261,25 +316,21 @@ def main() -> None:
     parser.add_argument("--peer-echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer_echo_server:
-        common.run_loop(serve_peer_echo())
+        common.run_helper(serve_peer_echo())
         return
     if args.runs < 1:
         parser.error("--runs must be at least 1")
 
     print(common.describe_machine(), flush=True)
-    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
-        agent, agent_port, token = common.start_agent(Path(tmp))
-        try:
-            peer, peer_port = start_peer_echo()
-            try:
-                rows = common.run_loop(measure(agent_port, token, peer_port, args.runs))
-            finally:
-                common.stop_process(peer)
-        finally:
-            common.stop_process(agent)
-        log = (Path(tmp) / "agent.log").read_text(errors="replace")
-    if "Traceback" in log:
-        print(f"warning: the agent logged a traceback:\n{log}", file=sys.stderr)
+    with (
+        tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        agent = common.Agent.start(Path(tmp))
+        stack.callback(agent.stop)
+        peer, peer_port = start_peer_echo()
+        stack.callback(common.stop_process, peer)
+        rows = common.run_loop(measure(agent, peer_port, args.runs))
     print()
     print_table(rows, args.runs)
 

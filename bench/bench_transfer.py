@@ -19,11 +19,14 @@ For comparison, in the same run, over TCP on 127.0.0.1:
   ``BufferedProtocol``) writes what arrives to a file and fsyncs it, then
   acknowledges. No framing, no hashing, no partial file: the floor of moving
   the bytes in Python;
+- the same pipe with the receiver most asyncio code would write: a
+  ``StreamReader`` handler reading 1 MiB at a time (``reader.read``), writing
+  and fsyncing the same way;
 - ``socat -u`` with 1 MiB blocks, sender and receiver processes, then an
   ``fsync`` of what arrived (if socat is installed).
 
 Each number is MB/s (10^6 bytes per second), the median of ``--runs`` runs;
-within a run the four measurements take turns (in a rotated order), so
+within a run the measurements take turns (in a changing order), so
 background load falls on all of them. Loopback only; every run is bounded by
 a timeout; the temporary directory and every process are removed at the end.
 """
@@ -44,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -57,6 +60,9 @@ MiB = 1024 * 1024
 CHUNK = MiB  # bytes per write of the raw pipe (tether's chunk size too)
 RUN_TIMEOUT = 300.0  # seconds one measurement may take before the benchmark gives up
 COUNT = struct.Struct(">Q")  # the raw receiver's acknowledgement: bytes it wrote
+RAW_ROW = "raw asyncio pipe (BufferedProtocol)"
+STREAM_ROW = "raw asyncio pipe (StreamReader)"
+SOCAT_ROW = "socat -u, 1 MiB blocks"
 
 
 # The raw pipe: a receiver process and a sender --------------------------------------
@@ -104,6 +110,38 @@ async def serve_raw_receiver(dest: str) -> None:
     print(server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    server.close()
+
+
+async def serve_stream_receiver(dest: str) -> None:
+    """The StreamReader receiver process: what most asyncio code writes.
+
+    ``asyncio.start_server`` and a handler that reads 1 MiB at a time with
+    ``reader.read`` and writes it to ``dest``; at EOF it fsyncs and acknowledges,
+    as ``RawReceiver``. Prints the port, receives until terminated.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        count = 0
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            while chunk := await reader.read(CHUNK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                count += len(chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        writer.write(COUNT.pack(count))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=CHUNK)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     server.close()
 
@@ -197,20 +235,13 @@ def socat_send(socat: str, source: Path, dest: Path, size: int) -> float:
 # Processes ----------------------------------------------------------------------------
 
 
-def start_raw_receiver(dest: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start this script as the raw pipe's receiver; return it and its port."""
+def start_raw_receiver(dest: Path, stream: bool = False) -> tuple[subprocess.Popen[bytes], int]:
+    """Start this script as a raw pipe's receiver (``stream``: the StreamReader one);
+    return it and its port."""
+    mode = "--stream-receiver" if stream else "--raw-receiver"
     return common.start_port_server(
-        [sys.executable, __file__, "--raw-receiver", str(dest)], "raw receiver"
+        [sys.executable, __file__, mode, str(dest)], f"raw receiver ({mode})"
     )
-
-
-def peak_rss_mib(pid: int) -> float | None:
-    """A process's peak resident set size (Linux VmHWM), in MiB."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return None
 
 
 def write_random(path: Path, size: int) -> None:
@@ -229,6 +260,43 @@ def remove(path: Path) -> None:
 
 # Measuring ----------------------------------------------------------------------------
 
+Way = Callable[[], Awaitable[float]]  # one measurement: seconds it took
+
+
+@contextlib.contextmanager
+def receiver(dest: Path, stream: bool = False) -> Iterator[tuple[int, int]]:
+    """A raw pipe receiver process writing to ``dest``, for the ``with`` block;
+    its port and process id."""
+    proc, port = start_raw_receiver(dest, stream)
+    try:
+        yield port, proc.pid
+    finally:
+        common.stop_process(proc)
+
+
+def pipe_way(port: int, source: Path, dest: Path) -> Way:
+    """Seconds to send ``source`` to the receiver on ``port``, which writes ``dest``."""
+    size = source.stat().st_size
+
+    async def way() -> float:
+        elapsed = await raw_send(port, source, size)
+        remove(dest)
+        return elapsed
+
+    return way
+
+
+def socat_way(socat: str, source: Path, dest: Path) -> Way:
+    """Seconds for socat to move ``source`` to ``dest`` (run in a thread: it blocks)."""
+    size = source.stat().st_size
+
+    async def way() -> float:
+        elapsed = await asyncio.to_thread(socat_send, socat, source, dest, size)
+        remove(dest)
+        return elapsed
+
+    return way
+
 
 @dataclass
 class Setup:
@@ -237,19 +305,16 @@ class Setup:
     root: Path  # the agent's root
     port: int
     token: str
-    raw_port: int
-    raw_dest: Path
-    socat: str | None
+    pipes: dict[str, Way]  # the raw pipes and socat, by row name
     size: int
 
 
 async def measure(setup: Setup, runs: int) -> dict[str, list[float]]:
-    """Seconds per run of each way, runs interleaved in a rotating order."""
+    """Seconds per run of each way, runs interleaved in a changing order."""
     import tether
 
     os.link(setup.source, setup.root / "source.bin")  # what get fetches
     got = setup.tmp / "got.bin"
-    times: dict[str, list[float]] = {"put": [], "get": [], "raw": [], "socat": []}
     digests: set[str] = set()
 
     async with tether.connect(
@@ -272,51 +337,27 @@ async def measure(setup: Setup, runs: int) -> dict[str, list[float]]:
             remove(got)
             return elapsed
 
-        async def raw() -> float:
-            elapsed = await raw_send(setup.raw_port, setup.source, setup.size)
-            remove(setup.raw_dest)
-            return elapsed
-
-        async def socat() -> float:
-            assert setup.socat is not None
-            dest = setup.tmp / "socat.bin"
-            elapsed = await asyncio.to_thread(
-                socat_send, setup.socat, setup.source, dest, setup.size
-            )
-            remove(dest)
-            return elapsed
-
-        ways: dict[str, Callable[[], Awaitable[float]]] = {"put": put, "raw": raw, "get": get}
-        if setup.socat:
-            ways["socat"] = socat
-        order = list(ways)
-        for run in range(runs):
-            for name in order[run % len(order) :] + order[: run % len(order)]:
-                async with asyncio.timeout(RUN_TIMEOUT):
-                    seconds = await ways[name]()
-                times[name].append(seconds)
-                print(
-                    f"  run {run + 1}: {name:5} {setup.size / seconds / 1e6:8.0f} MB/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        ways: dict[str, Way] = {"tether put (conn.put)": put, "tether get (conn.get)": get}
+        times = await common.alternate(
+            ways | setup.pipes,
+            runs,
+            RUN_TIMEOUT,
+            show=lambda name, seconds: f"{name:30} {setup.size / seconds / 1e6:8.0f} MB/s",
+        )
     if len(digests) != 1:
         raise SystemExit(f"put and get disagree on the file's digest: {digests}")
     return times
 
 
+def size_label(size: int) -> str:
+    """``1 GiB``, ``64 MiB``."""
+    return f"{size // MiB} MiB" if size % (1024 * MiB) else f"{size // (1024 * MiB)} GiB"
+
+
 def print_table(times: dict[str, list[float]], size: int, runs: int) -> None:
     rate = {k: size / statistics.median(v) / 1e6 for k, v in times.items() if v}
-    raw, socat = rate["raw"], rate.get("socat")
-    label = f"{size // MiB} MiB" if size % (1024 * MiB) else f"{size // (1024 * MiB)} GiB"
-    rows = [
-        ("tether put (conn.put)", rate["put"]),
-        ("tether get (conn.get)", rate["get"]),
-        ("raw asyncio pipe", raw),
-    ]
-    if socat is not None:
-        rows.append(("socat -u, 1 MiB blocks", socat))
-    header = (f"one file, {label}, loopback", "MB/s", "/ raw pipe", "/ socat")
+    raw, socat = rate[RAW_ROW], rate.get(SOCAT_ROW)
+    header = (f"one file, {size_label(size)}, loopback", "MB/s", "/ raw pipe", "/ socat")
     lines = [
         (
             name,
@@ -324,7 +365,7 @@ def print_table(times: dict[str, list[float]], size: int, runs: int) -> None:
             f"{value / raw:.2f}",
             f"{value / socat:.2f}" if socat is not None else "-",
         )
-        for name, value in rows
+        for name, value in rate.items()
     ]
     common.print_markdown_table(header, lines, right={1, 2, 3})
     print(f"\nmedians of {runs} runs; MB = 10^6 bytes; higher is better; fsync included")
@@ -352,16 +393,23 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary files go")
     parser.add_argument("--no-socat", action="store_true", help="skip socat even if installed")
     parser.add_argument("--raw-receiver", metavar="DEST", help=argparse.SUPPRESS)
+    parser.add_argument("--stream-receiver", metavar="DEST", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_receiver:
-        common.run_loop(serve_raw_receiver(args.raw_receiver))
+        common.run_helper(serve_raw_receiver(args.raw_receiver))
+        return
+    if args.stream_receiver:
+        common.run_helper(serve_stream_receiver(args.stream_receiver))
         return
     if args.runs < 1 or args.size < 1:
         parser.error("--runs and --size must be at least 1")
     size = args.size * MiB
     socat = None if args.no_socat else shutil.which("socat")
 
-    with tempfile.TemporaryDirectory(prefix="tether-bench-", dir=args.dir) as name:
+    with (
+        tempfile.TemporaryDirectory(prefix="tether-bench-", dir=args.dir) as name,
+        contextlib.ExitStack() as stack,
+    ):
         tmp = Path(name)
         print(f"{common.describe_machine()}, files on {tmp} ({file_system(tmp)})", flush=True)
         if socat is None:
@@ -370,21 +418,18 @@ def main() -> None:
         root.mkdir()
         source = tmp / "source.bin"
         write_random(source, size)
-        agent, port, token = common.start_agent(tmp, root)
-        try:
-            raw_dest = tmp / "raw.bin"
-            receiver, raw_port = start_raw_receiver(raw_dest)
-            try:
-                setup = Setup(tmp, source, root, port, token, raw_port, raw_dest, socat, size)
-                times = common.run_loop(measure(setup, args.runs))
-                agent_rss = peak_rss_mib(agent.pid)
-            finally:
-                common.stop_process(receiver)
-        finally:
-            common.stop_process(agent)
-        log = (tmp / "agent.log").read_text(errors="replace")
-    if "Traceback" in log:
-        print(f"warning: the agent logged a traceback:\n{log}", file=sys.stderr)
+        agent = common.Agent.start(tmp, root)
+        stack.callback(agent.stop)
+        raw, stream = tmp / "raw.bin", tmp / "stream.bin"
+        pipes = {
+            RAW_ROW: pipe_way(stack.enter_context(receiver(raw))[0], source, raw),
+            STREAM_ROW: pipe_way(stack.enter_context(receiver(stream, True))[0], source, stream),
+        }
+        if socat is not None:
+            pipes[SOCAT_ROW] = socat_way(socat, source, tmp / "socat.bin")
+        setup = Setup(tmp, source, root, agent.port, agent.token, pipes, size)
+        times = common.run_loop(measure(setup, args.runs))
+        agent_rss = common.peak_rss_mib(agent.proc.pid)
     print()
     print_table(times, size, args.runs)
     client_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

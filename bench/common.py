@@ -7,15 +7,21 @@ puts ``bench/`` first on ``sys.path``, so they import this module as ``common``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Container, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Container, Coroutine, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import tether
 
 T = TypeVar("T")
 
@@ -31,39 +37,104 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+def run_helper(main: Coroutine[Any, Any, None]) -> None:
+    """``run_loop`` for a helper process (a receiver, a peer server, a client): Ctrl-C
+    reaches it together with the benchmark, which reports it; no traceback here."""
+    with contextlib.suppress(KeyboardInterrupt):
+        run_loop(main)
+
+
+async def alternate(
+    ways: Mapping[str, Callable[[], Awaitable[float]]],
+    runs: int,
+    timeout: float,
+    show: Callable[[str, float], str] | None = None,
+    failures: dict[str, str] | None = None,
+) -> dict[str, list[float]]:
+    """Each way's results over ``runs`` rounds; every way runs once per round.
+
+    The order changes from round to round (rotated, and reversed every other
+    round), so background load on a noisy machine falls on every way rather than
+    on whichever always runs after the heaviest one. Each call is bounded by
+    ``timeout`` seconds. ``show(name, value)``, if given, makes a progress line
+    on stderr. With ``failures``, a way that fails (an exception, a SystemExit
+    from a check, the timeout) is recorded there and skipped from then on;
+    without, the failure propagates.
+    """
+    order = list(ways)
+    results: dict[str, list[float]] = {name: [] for name in order}
+    for run in range(runs):
+        shift = run * len(order) // runs
+        turn = order[shift:] + order[:shift]
+        for name in reversed(turn) if run % 2 else turn:
+            if failures is not None and name in failures:
+                continue
+            try:
+                async with asyncio.timeout(timeout):
+                    value = await ways[name]()
+            except (Exception, SystemExit) as exc:
+                if failures is None:
+                    raise
+                failures[name] = _failure_text(exc, timeout)
+                print(f"  run {run + 1}/{runs}: {name} FAILED: {failures[name]}", file=sys.stderr)
+                continue
+            results[name].append(value)
+            if show is not None:
+                print(f"  run {run + 1}/{runs}: {show(name, value)}", file=sys.stderr, flush=True)
+    return results
+
+
+def _failure_text(exc: BaseException, timeout: float) -> str:
+    """One short line: the first of a group of errors, a SystemExit's message."""
+    others = ""
+    while isinstance(exc, BaseExceptionGroup):
+        others = f" (and {len(exc.exceptions) - 1} more)" if len(exc.exceptions) > 1 else others
+        exc = exc.exceptions[0]
+    if isinstance(exc, TimeoutError):
+        text = f"took over {timeout:.0f} s"
+    else:
+        text = str(exc.code) if isinstance(exc, SystemExit) else repr(exc)
+    text = " ".join(text.split())  # a message over several lines (an agent log) on one
+    return (text[:300] + "...") if len(text) > 300 else text + others
+
+
 # Processes ----------------------------------------------------------------------------
 
 
-def start_agent(tmp: Path, root: Path | None = None) -> tuple[subprocess.Popen[bytes], int, str]:
+def start_agent(
+    tmp: Path, root: Path | None = None, *, tls: bool = False, options: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], int, str]:
     """Start ``python -m tether serve --port 0``; return it, its port and token.
 
     Its state directory and log (``agent.log``) go in ``tmp``; its root is ``root``,
-    ``tmp`` itself when not given.
+    ``tmp`` itself when not given. Plaintext (``--insecure-plaintext``) unless
+    ``tls``: then it listens on TLS with the certificate it makes in its state
+    directory (``agent_fingerprint`` reads its fingerprint). ``options`` are more
+    ``serve`` options (limits, timeouts).
     """
     log = tmp / "agent.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "tether",
+        "serve",
+        "--port",
+        "0",
+        "--no-udp",
+        "--state-dir",
+        str(tmp / "state"),
+        "--root",
+        str(tmp if root is None else root),
+        *options,
+    ]
+    if not tls:
+        # Plaintext, as the raw peers it is compared with.
+        argv.append("--insecure-plaintext")
     with log.open("wb") as stderr:
         agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tether",
-                "serve",
-                "--port",
-                "0",
-                "--no-udp",
-                # Plaintext, as the peers it is compared with; TLS figures
-                # are the performance issue's to add.
-                "--insecure-plaintext",
-                "--state-dir",
-                str(tmp / "state"),
-                "--root",
-                str(tmp if root is None else root),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
         )
-    prefix = "tether: listening on tcp 127.0.0.1:"
+    prefix = f"tether: listening on {'tls' if tls else 'tcp'} 127.0.0.1:"
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         for line in log.read_text(errors="replace").splitlines():
@@ -77,6 +148,67 @@ def start_agent(tmp: Path, root: Path | None = None) -> tuple[subprocess.Popen[b
     raise SystemExit(f"the agent did not start; its log:\n{log.read_text(errors='replace')}")
 
 
+def agent_fingerprint(tmp: Path) -> str:
+    """The certificate fingerprint a TLS agent started in ``tmp`` printed on stderr."""
+    prefix = "tether: certificate fingerprint "
+    for line in (tmp / "agent.log").read_text(errors="replace").splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+    raise SystemExit(f"the agent in {tmp} printed no certificate fingerprint")
+
+
+@dataclass
+class Agent:
+    """An agent started for a benchmark: its process, address and credentials."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    token: str
+    fingerprint: str | None  # its TLS certificate's; None for a plaintext agent
+    dir: Path  # its state directory and log
+
+    @classmethod
+    def start(
+        cls, tmp: Path, root: Path | None = None, *, tls: bool = False, options: Sequence[str] = ()
+    ) -> Agent:
+        """``start_agent`` with the same arguments; a TLS agent's fingerprint is read."""
+        proc, port, token = start_agent(tmp, root, tls=tls, options=options)
+        return cls(proc, port, token, agent_fingerprint(tmp) if tls else None, tmp)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def mode(self) -> str:
+        return "plaintext" if self.fingerprint is None else "TLS"
+
+    def connect(self) -> AbstractAsyncContextManager[tether.Connection]:
+        """``connect_agent`` to this agent (its known-hosts file in its directory)."""
+        return connect_agent(self.port, self.token, self.fingerprint, self.dir / "known_hosts")
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM by PID); warn on stderr if it logged a traceback."""
+        stop_process(self.proc)
+        log = (self.dir / "agent.log").read_text(errors="replace")
+        if "Traceback" in log:
+            print(f"warning: the agent logged a traceback:\n{log[-5000:]}", file=sys.stderr)
+
+
+def connect_agent(
+    port: int, token: str, fingerprint: str | None, known_hosts: Path
+) -> AbstractAsyncContextManager[tether.Connection]:
+    """``tether.connect`` to 127.0.0.1:``port``: plaintext without a fingerprint, else
+    TLS pinned to it. ``known_hosts`` is passed so that nothing in ``~`` is read or
+    written."""
+    import tether
+
+    address = f"127.0.0.1:{port}"
+    if fingerprint is None:
+        return tether.connect(address, token=token, insecure_plaintext=True)
+    return tether.connect(address, token=token, fingerprint=fingerprint, known_hosts=known_hosts)
+
+
 def start_port_server(argv: list[str], name: str) -> tuple[subprocess.Popen[bytes], int]:
     """Start a server process that prints its port first thing; return it and the port."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
@@ -86,6 +218,15 @@ def start_port_server(argv: list[str], name: str) -> tuple[subprocess.Popen[byte
         stop_process(proc)
         raise SystemExit(f"the {name} did not start")
     return proc, int(line)
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """A process's peak resident set size (Linux VmHWM), in MiB; None if unknown."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

@@ -273,8 +273,9 @@ class FrameDecoder:
     def _new_body(self, size: int) -> bytearray:
         spare = self._spare
         if spare:
-            for i, buf in enumerate(spare):
-                if len(buf) == size:
+            # The most recently returned first: likely still in the CPU's cache.
+            for i in range(len(spare) - 1, -1, -1):
+                if len(spare[i]) == size:
                     return spare.pop(i)
         return bytearray(size)
 
