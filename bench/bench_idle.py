@@ -31,9 +31,7 @@ import asyncio
 import json
 import os
 import resource
-import signal
 import ssl
-import struct
 import subprocess
 import sys
 import tempfile
@@ -45,6 +43,7 @@ from typing import Any, cast
 # Run as ``python bench/bench_idle.py``: ``bench/`` is on sys.path, so this imports
 # bench/common.py.
 import common
+import echo_load
 
 DEFAULT_COUNT = 10_000  # idle connections held
 OPENING_AT_ONCE = 48  # connections opening concurrently: below --max-unauthenticated (64)
@@ -54,9 +53,8 @@ STEP_TIMEOUT = 60.0  # seconds for any other step (the alive check, closing, fds
 ALIVE_SAMPLE = 100  # connections that send an echo once all are held
 ECHO_BODY = b"still here"
 FD_MARGIN = 64  # descriptors a process needs besides its connections
-LENGTH = struct.Struct(">I")  # a tether frame's header length prefix
+LENGTH = echo_load.LENGTH  # a tether frame's header length prefix
 TOKEN_ENV = "TETHER_BENCH_TOKEN"  # how the client gets the token (not on the command line)
-MIB = 1024 * 1024
 
 
 # File descriptors --------------------------------------------------------------------
@@ -99,14 +97,6 @@ def memory_kib(pid: int) -> tuple[int, int]:
 
 
 # The client process: opens the connections and holds them --------------------------------
-
-
-def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
-    """A tether frame (docs/protocol.md §2): u32 header length, JSON header, body."""
-    if body:
-        header = {**header, "body_len": len(body)}
-    raw = json.dumps(header, separators=(",", ":")).encode("ascii")
-    return LENGTH.pack(len(raw)) + raw + body
 
 
 class HeldConnection(asyncio.Protocol):
@@ -156,7 +146,7 @@ class HeldConnection(asyncio.Protocol):
         """Send an echo and check the agent's ``ok`` carries the same id and body."""
         assert self.transport is not None
         self.reply = asyncio.get_running_loop().create_future()
-        self.transport.write(frame({"op": "echo", "id": ident}, ECHO_BODY))
+        self.transport.write(echo_load.tether_frame({"op": "echo", "id": ident}, ECHO_BODY))
         header, body = await self.reply
         if header.get("op") != "ok" or header.get("id") != ident or body != ECHO_BODY:
             raise AssertionError(f"unexpected answer to echo {ident}: {header} {body!r}")
@@ -182,9 +172,7 @@ async def open_all(
         TimeoutError: a connection took longer than ``CONNECT_TIMEOUT``.
     """
     loop = asyncio.get_running_loop()
-    hello = None
-    if token is not None:
-        hello = frame({"op": "hello", "id": 0, "version": 1, "token": token})
+    hello = None if token is None else echo_load.TetherCodec(token).hello()
     context = client_tls_context() if tls else None
     held: list[HeldConnection] = []
     remaining = count
@@ -260,58 +248,15 @@ async def serve_peer(cert: str | None, key: str | None) -> None:
     server = await loop.create_server(
         asyncio.Protocol, "127.0.0.1", 0, reuse_address=True, backlog=4096, ssl=context
     )
-    print(server.sockets[0].getsockname()[1], flush=True)
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    server.close()
+    await common.serve_until_terminated(server)
 
 
 def start_peer(cert: Path | None, key: Path | None) -> tuple[subprocess.Popen[bytes], int]:
+    """Start this script as the peer server (TLS with ``cert`` and ``key``); it and its port."""
     argv = [sys.executable, __file__, "--peer-server"]
     if cert is not None and key is not None:
         argv += ["--cert", str(cert), "--key", str(key)]
     return common.start_port_server(argv, "peer server")
-
-
-# The agent over TLS ------------------------------------------------------------------------
-
-
-def start_tls_agent(tmp: Path) -> tuple[subprocess.Popen[bytes], int, str]:
-    """``common.start_agent`` without ``--insecure-plaintext``: the agent listens on TLS
-    with the certificate it makes in its state directory."""
-    log = tmp / "agent.log"
-    with log.open("wb") as stderr:
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tether",
-                "serve",
-                "--port",
-                "0",
-                "--no-udp",
-                "--state-dir",
-                str(tmp / "state"),
-                "--root",
-                str(tmp),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    prefix = "tether: listening on tls 127.0.0.1:"
-    deadline = time.monotonic() + common.START_TIMEOUT
-    while time.monotonic() < deadline:
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith(prefix):
-                token = (tmp / "state" / "token").read_text().strip()
-                return agent, int(line[len(prefix) :]), token
-        if agent.poll() is not None:
-            break
-        time.sleep(0.05)
-    common.stop_process(agent)
-    raise SystemExit(f"the TLS agent did not start; its log:\n{log.read_text(errors='replace')}")
 
 
 # Measuring ---------------------------------------------------------------------------------
@@ -383,19 +328,10 @@ async def hold_against(pid: int, port: int, count: int, token: str | None, tls: 
         client.stdin.write(b"check\n")
         alive = await _readline(client, STEP_TIMEOUT, "check its connections")
         client.stdin.write(b"close\n")
-        async with asyncio.timeout(STEP_TIMEOUT):
-            await client.wait()
+        await common.reap(client, STEP_TIMEOUT)
     finally:
-        if client.returncode is None:
-            client.kill()
-            await client.wait()
+        await common.reap(client, grace=0)  # a step failed: kill it now
     return Held(count, baseline, rss, peak, float(seconds), alive)
-
-
-def _log_trouble(log: Path) -> None:
-    text = log.read_text(errors="replace")
-    if "Traceback" in text:
-        print(f"warning: the agent logged a traceback:\n{text[-5000:]}", file=sys.stderr)
 
 
 def measure_held(count: int, tls: bool) -> tuple[Held, Held]:
@@ -403,12 +339,13 @@ def measure_held(count: int, tls: bool) -> tuple[Held, Held]:
     raise_nofile_limit(count + FD_MARGIN)
     with tempfile.TemporaryDirectory(prefix="tether-bench-idle-") as name:
         tmp = Path(name)
-        agent, port, token = start_tls_agent(tmp) if tls else common.start_agent(tmp)
+        agent = common.Agent.start(tmp, tls=tls)
         try:
-            ours = common.run_loop(hold_against(agent.pid, port, count, token, tls))
+            ours = common.run_loop(
+                hold_against(agent.proc.pid, agent.port, count, agent.token, tls)
+            )
         finally:
-            common.stop_process(agent)
-        _log_trouble(tmp / "agent.log")
+            agent.stop()
         state = tmp / "state"
         cert, key = (state / "cert.pem", state / "key.pem") if tls else (None, None)
         peer, peer_port = start_peer(cert, key)

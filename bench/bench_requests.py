@@ -14,11 +14,16 @@ For comparison, in the same run:
 
 - a minimal length-prefixed asyncio echo server (in its own process) and client,
   on the same event loop policy (uvloop when importable);
-- local ``asyncio.create_subprocess_exec("true")`` spawns per second.
+- local ``asyncio.create_subprocess_exec("true")`` spawns per second, stdout and
+  stderr piped, on a stdlib asyncio loop of its own in a worker thread
+  (``spawn_rate_stdlib``). uvloop spawns processes 2-4x slower than the stdlib
+  loop on this machine, so a uvloop spawn would flatter tether; the combined
+  runner (``bench/run_exec.py``) uses the same stdlib-loop peer.
 
-Each row is the median of ``--runs`` runs (after one short warm-up), tether's and
-the peer's runs taking turns. Loopback only; every count is fixed and every run
-is bounded in time.
+A rate is operations / wall time of a whole batch of a fixed count. Each row is
+the median of ``--runs`` runs after one short warm-up of each side, tether's and
+the peer's runs taking turns (``common.alternate``). Loopback only; every count is
+fixed and every run is bounded in time.
 """
 
 from __future__ import annotations
@@ -27,8 +32,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -38,7 +41,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 # Run as ``python bench/bench_requests.py``: ``bench/`` is on sys.path, so this imports
 # bench/common.py.
@@ -65,9 +68,7 @@ class NoDelayProtocol(asyncio.Protocol):
     """Keeps the transport and turns Nagle's algorithm off, as tether does."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = echo_load.no_delay(transport)
 
 
 class PeerEchoServer(NoDelayProtocol):
@@ -121,11 +122,7 @@ async def serve_peer_echo() -> None:
     """The peer server process: print the port, serve until terminated."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(PeerEchoServer, "127.0.0.1", 0, reuse_address=True)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    server.close()
+    await common.serve_until_terminated(server)
 
 
 # The peer's process -------------------------------------------------------------------
@@ -141,6 +138,7 @@ def start_peer_echo() -> tuple[subprocess.Popen[bytes], int]:
 # Measuring ----------------------------------------------------------------------------
 
 Op = Callable[[], Awaitable[object]]  # one request, awaited until its reply
+RateOf = Callable[[int], Awaitable[float]]  # operations per second over a batch of N
 
 
 async def rate_over(ops: Sequence[Op], count: int) -> float:
@@ -164,20 +162,25 @@ async def rate(op: Op, count: int, concurrency: int) -> float:
     return await rate_over([op] * concurrency, count)
 
 
-async def median_rates(
-    ours: Op, theirs: Op, count: int, concurrency: int, runs: int
-) -> tuple[float, float]:
-    """Median rates of tether's op and the peer's, their runs interleaved.
+def on_this_loop(op: Op, concurrency: int) -> RateOf:
+    """``op``'s rate on this event loop, ``concurrency`` calls at a time."""
+    return lambda count: rate(op, count, concurrency)
 
-    Interleaving spreads any background load on the machine over both sides.
+
+async def median_rates(
+    ours: RateOf, theirs: RateOf, count: int, warm_up: int, runs: int
+) -> tuple[float, float]:
+    """Median rates of tether's side and the peer's over ``runs`` batches of ``count``,
+    after one untimed batch of ``warm_up`` each.
+
+    The sides take turns in a changing order (``common.alternate``), which spreads
+    any background load on the machine over both.
     """
-    for op in (ours, theirs):
-        await rate(op, max(count // 10, concurrency), concurrency)  # warm-up
-    our_rates, their_rates = [], []
-    for _ in range(runs):
-        our_rates.append(await rate(ours, count, concurrency))
-        their_rates.append(await rate(theirs, count, concurrency))
-    return statistics.median(our_rates), statistics.median(their_rates)
+    for measure in (ours, theirs):
+        await measure(warm_up)
+    ways = {"tether": lambda: ours(count), "peer": lambda: theirs(count)}
+    rates = await common.alternate(ways, runs, RUN_TIMEOUT)
+    return statistics.median(rates["tether"]), statistics.median(rates["peer"])
 
 
 async def local_spawn() -> None:
@@ -203,6 +206,19 @@ def spawn_rate_stdlib(count: int, concurrency: int) -> float:
     return asyncio.run(rate(local_spawn, count, concurrency))
 
 
+async def stdlib_spawn_rate(count: int, concurrency: int) -> float:
+    """``spawn_rate_stdlib`` in a worker thread, awaited from this (uvloop) loop.
+
+    The thread cannot be cancelled: ``rate``'s own RUN_TIMEOUT bounds it.
+    """
+    return await asyncio.to_thread(spawn_rate_stdlib, count, concurrency)
+
+
+def spawning_on_stdlib_loop(concurrency: int) -> RateOf:
+    """The local spawn rate on a stdlib loop, ``concurrency`` spawns at a time."""
+    return lambda count: stdlib_spawn_rate(count, concurrency)
+
+
 def tether_echo(conn: tether.Connection) -> Op:
     """``conn.echo(64 bytes)``, reply checked."""
 
@@ -226,6 +242,8 @@ def tether_exec(conn: tether.Connection) -> Op:
 
 @dataclass
 class Row:
+    """One line of the table: tether's rate beside the peer's, medians."""
+
     name: str
     count: int
     tether: float
@@ -243,52 +261,71 @@ async def many_clients(agent: common.Agent, peer_port: int, runs: int) -> Row:
             peer = await echo_load.open_load(peer_port, echo_load.LengthCodec())
             stack.callback(peer.close)
             theirs.append(peer.round_trip)
-        for ops in (ours, theirs):
-            await rate_over(ops, ECHO_CLIENTS)  # warm-up
-        our_rates, their_rates = [], []
-        for _ in range(runs):
-            our_rates.append(await rate_over(ours, ECHO_N))
-            their_rates.append(await rate_over(theirs, ECHO_N))
-    ours_median, theirs_median = statistics.median(our_rates), statistics.median(their_rates)
+        ours_median, theirs_median = await median_rates(
+            lambda count: rate_over(ours, count),
+            lambda count: rate_over(theirs, count),
+            ECHO_N,
+            ECHO_CLIENTS,
+            runs,
+        )
     name = f"echo 64 B, {ECHO_CLIENTS} connections"
     return Row(name, ECHO_N, ours_median, "asyncio echo", theirs_median)
 
 
 async def measure(agent: common.Agent, peer_port: int, runs: int) -> list[Row]:
+    """Every row: tether on one connection to ``agent``, the peers, interleaved."""
     loop = asyncio.get_running_loop()
-    _, peer = await loop.create_connection(PeerEchoClient, "127.0.0.1", peer_port)
+    async with asyncio.timeout(echo_load.CONNECT_TIMEOUT):
+        _, peer = await loop.create_connection(PeerEchoClient, "127.0.0.1", peer_port)
 
     async def peer_echo() -> None:
         if await peer.echo(PAYLOAD) != PAYLOAD:
             raise AssertionError("the peer echo came back different")
 
     rows = []
-    async with agent.connect() as conn:
-        echo, run = tether_echo(conn), tether_exec(conn)
-        for name, op, peer_name, peer_op, count, concurrency in [
-            ("echo 64 B, sequential", echo, "asyncio echo", peer_echo, ECHO_N, 1),
-            (
-                f"echo 64 B, {ECHO_CONCURRENCY} in flight",
-                echo,
-                "asyncio echo",
-                peer_echo,
-                ECHO_N,
-                ECHO_CONCURRENCY,
-            ),
-            ("exec true, sequential", run, "local spawn", local_spawn, EXEC_N, 1),
-            (
-                f"exec true, {EXEC_CONCURRENCY} in flight",
-                run,
-                "local spawn",
-                local_spawn,
-                EXEC_N,
-                EXEC_CONCURRENCY,
-            ),
-        ]:
-            ours, theirs = await median_rates(op, peer_op, count, concurrency, runs)
-            rows.append(Row(name, count, ours, peer_name, theirs))
-            print(f"  {name}: done", file=sys.stderr, flush=True)
-    peer.transport.close()
+    try:
+        async with agent.connect() as conn:
+            echo, run = tether_echo(conn), tether_exec(conn)
+            spawn = "local spawn (stdlib loop)"
+            specs: list[tuple[str, Op, int, int, str, RateOf]] = [
+                (
+                    "echo 64 B, sequential",
+                    echo,
+                    ECHO_N,
+                    1,
+                    "asyncio echo",
+                    on_this_loop(peer_echo, 1),
+                ),
+                (
+                    f"echo 64 B, {ECHO_CONCURRENCY} in flight",
+                    echo,
+                    ECHO_N,
+                    ECHO_CONCURRENCY,
+                    "asyncio echo",
+                    on_this_loop(peer_echo, ECHO_CONCURRENCY),
+                ),
+                ("exec true, sequential", run, EXEC_N, 1, spawn, spawning_on_stdlib_loop(1)),
+                (
+                    f"exec true, {EXEC_CONCURRENCY} in flight",
+                    run,
+                    EXEC_N,
+                    EXEC_CONCURRENCY,
+                    spawn,
+                    spawning_on_stdlib_loop(EXEC_CONCURRENCY),
+                ),
+            ]
+            for name, op, count, concurrency, peer_name, theirs in specs:
+                ours_median, theirs_median = await median_rates(
+                    on_this_loop(op, concurrency),
+                    theirs,
+                    count,
+                    max(count // 10, concurrency),
+                    runs,
+                )
+                rows.append(Row(name, count, ours_median, peer_name, theirs_median))
+                print(f"  {name}: done", file=sys.stderr, flush=True)
+    finally:
+        peer.transport.close()
     rows.insert(2, await many_clients(agent, peer_port, runs))
     return rows
 

@@ -39,15 +39,13 @@ import contextlib
 import os
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -55,8 +53,8 @@ from typing import cast
 # Run as ``python bench/bench_transfer.py``: ``bench/`` is on sys.path, so this imports
 # bench/common.py.
 import common
+from common import MiB, Way
 
-MiB = 1024 * 1024
 CHUNK = MiB  # bytes per write of the raw pipe (tether's chunk size too)
 RUN_TIMEOUT = 300.0  # seconds one measurement may take before the benchmark gives up
 COUNT = struct.Struct(">Q")  # the raw receiver's acknowledgement: bytes it wrote
@@ -107,11 +105,7 @@ async def serve_raw_receiver(dest: str) -> None:
     """The receiver process: print the port, receive until terminated."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: RawReceiver(dest), "127.0.0.1", 0)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    server.close()
+    await common.serve_until_terminated(server)
 
 
 async def serve_stream_receiver(dest: str) -> None:
@@ -139,28 +133,26 @@ async def serve_stream_receiver(dest: str) -> None:
         writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=CHUNK)
-    print(server.sockets[0].getsockname()[1], flush=True)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    server.close()
+    await common.serve_until_terminated(server)
 
 
 async def raw_send(port: int, source: Path, size: int) -> float:
     """Seconds to send ``source`` through the raw pipe until the receiver has it on disk."""
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    fd = os.open(source, os.O_RDONLY)
     try:
-        while chunk := os.read(fd, CHUNK):
-            writer.write(chunk)
-            await writer.drain()
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            while chunk := os.read(fd, CHUNK):
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            os.close(fd)
+        writer.write_eof()
+        (count,) = COUNT.unpack(await reader.readexactly(COUNT.size))
+        elapsed = time.perf_counter() - started
     finally:
-        os.close(fd)
-    writer.write_eof()
-    (count,) = COUNT.unpack(await reader.readexactly(COUNT.size))
-    elapsed = time.perf_counter() - started
-    writer.close()
+        writer.close()
     await writer.wait_closed()
     if count != size:
         raise SystemExit(f"the raw receiver wrote {count} bytes, not {size}")
@@ -168,13 +160,6 @@ async def raw_send(port: int, source: Path, size: int) -> float:
 
 
 # socat --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def listening(port: int) -> bool:
@@ -189,8 +174,12 @@ def listening(port: int) -> bool:
 
 
 def socat_send(socat: str, source: Path, dest: Path, size: int) -> float:
-    """Seconds for ``socat -u`` to move ``source`` to ``dest`` over TCP, fsync included."""
-    port = free_port()
+    """Seconds for ``socat -u`` to move ``source`` to ``dest`` over TCP, fsync included.
+
+    The receiver is started and listening before the timed span, which runs from
+    the sender's start to the fsync of ``dest`` once both have exited.
+    """
+    port = common.free_port()
     block = str(CHUNK)
     receiver = subprocess.Popen(
         [
@@ -210,25 +199,23 @@ def socat_send(socat: str, source: Path, dest: Path, size: int) -> float:
                 raise SystemExit("the socat receiver did not start")
             time.sleep(0.01)
         started = time.perf_counter()
-        sender = subprocess.run(
+        common.timed_run(
+            "the socat sender",
             [socat, "-u", "-b", block, f"OPEN:{source},rdonly", f"TCP:127.0.0.1:{port}"],
-            stdin=subprocess.DEVNULL,
-            timeout=RUN_TIMEOUT,
-            check=False,
+            RUN_TIMEOUT,
         )
-        receiver.wait(RUN_TIMEOUT)
-        fd = os.open(dest, os.O_RDONLY)
+        # Only once the sender has succeeded: a receiver nobody connected to never exits.
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            receiver.wait(RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"the socat receiver ran over {RUN_TIMEOUT:.0f} s") from None
+        if receiver.returncode == 0:
+            common.fsync_path(dest)
         elapsed = time.perf_counter() - started
     finally:
         common.stop_process(receiver)
-    if sender.returncode or receiver.returncode or dest.stat().st_size != size:
-        raise SystemExit(
-            f"socat failed: sender {sender.returncode}, receiver {receiver.returncode}"
-        )
+    if receiver.returncode or dest.stat().st_size != size:
+        raise SystemExit(f"the socat receiver failed (exit {receiver.returncode})")
     return elapsed
 
 
@@ -244,23 +231,7 @@ def start_raw_receiver(dest: Path, stream: bool = False) -> tuple[subprocess.Pop
     )
 
 
-def write_random(path: Path, size: int) -> None:
-    with path.open("wb") as f:
-        left = size
-        while left:
-            block = os.urandom(min(left, 4 * MiB))
-            f.write(block)
-            left -= len(block)
-
-
-def remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
 # Measuring ----------------------------------------------------------------------------
-
-Way = Callable[[], Awaitable[float]]  # one measurement: seconds it took
 
 
 @contextlib.contextmanager
@@ -280,7 +251,7 @@ def pipe_way(port: int, source: Path, dest: Path) -> Way:
 
     async def way() -> float:
         elapsed = await raw_send(port, source, size)
-        remove(dest)
+        common.remove(dest)
         return elapsed
 
     return way
@@ -292,7 +263,7 @@ def socat_way(socat: str, source: Path, dest: Path) -> Way:
 
     async def way() -> float:
         elapsed = await asyncio.to_thread(socat_send, socat, source, dest, size)
-        remove(dest)
+        common.remove(dest)
         return elapsed
 
     return way
@@ -300,33 +271,30 @@ def socat_way(socat: str, source: Path, dest: Path) -> Way:
 
 @dataclass
 class Setup:
+    """What ``measure`` works with, made by ``main``."""
+
     tmp: Path
     source: Path  # the local file put sends
     root: Path  # the agent's root
-    port: int
-    token: str
+    agent: common.Agent
     pipes: dict[str, Way]  # the raw pipes and socat, by row name
     size: int
 
 
 async def measure(setup: Setup, runs: int) -> dict[str, list[float]]:
     """Seconds per run of each way, runs interleaved in a changing order."""
-    import tether
-
     os.link(setup.source, setup.root / "source.bin")  # what get fetches
     got = setup.tmp / "got.bin"
     digests: set[str] = set()
 
-    async with tether.connect(
-        f"127.0.0.1:{setup.port}", token=setup.token, insecure_plaintext=True
-    ) as conn:
+    async with setup.agent.connect() as conn:
 
         async def put() -> float:
             started = time.perf_counter()
             result = await conn.put(str(setup.source), "put.bin")
             elapsed = time.perf_counter() - started
             digests.add(result.digest)
-            remove(setup.root / "put.bin")
+            common.remove(setup.root / "put.bin")
             return elapsed
 
         async def get() -> float:
@@ -334,7 +302,7 @@ async def measure(setup: Setup, runs: int) -> dict[str, list[float]]:
             result = await conn.get("source.bin", str(got))
             elapsed = time.perf_counter() - started
             digests.add(result.digest)
-            remove(got)
+            common.remove(got)
             return elapsed
 
         ways: dict[str, Way] = {"tether put (conn.put)": put, "tether get (conn.get)": get}
@@ -417,7 +385,7 @@ def main() -> None:
         root = tmp / "root"
         root.mkdir()
         source = tmp / "source.bin"
-        write_random(source, size)
+        common.write_random(source, size)
         agent = common.Agent.start(tmp, root)
         stack.callback(agent.stop)
         raw, stream = tmp / "raw.bin", tmp / "stream.bin"
@@ -427,7 +395,7 @@ def main() -> None:
         }
         if socat is not None:
             pipes[SOCAT_ROW] = socat_way(socat, source, tmp / "socat.bin")
-        setup = Setup(tmp, source, root, agent.port, agent.token, pipes, size)
+        setup = Setup(tmp, source, root, agent, pipes, size)
         times = common.run_loop(measure(setup, args.runs))
         agent_rss = common.peak_rss_mib(agent.proc.pid)
     print()

@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import os
 import platform
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Container, Coroutine, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,8 +26,11 @@ if TYPE_CHECKING:
     import tether
 
 T = TypeVar("T")
+Way = Callable[[], Awaitable[float]]  # one measurement: its figure (seconds, a rate)
 
+MiB = 1024 * 1024
 START_TIMEOUT = 15.0  # seconds for a server process to report its port
+STOP_TIMEOUT = 15.0  # seconds a process has to exit after SIGTERM, and again after SIGKILL
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
@@ -45,7 +50,7 @@ def run_helper(main: Coroutine[Any, Any, None]) -> None:
 
 
 async def alternate(
-    ways: Mapping[str, Callable[[], Awaitable[float]]],
+    ways: Mapping[str, Way],
     runs: int,
     timeout: float,
     show: Callable[[str, float], str] | None = None,
@@ -82,6 +87,23 @@ async def alternate(
             if show is not None:
                 print(f"  run {run + 1}/{runs}: {show(name, value)}", file=sys.stderr, flush=True)
     return results
+
+
+async def warm_up_and_alternate(
+    ways: Mapping[str, Way],
+    runs: int,
+    timeout: float,
+    show: Callable[[str, float], str] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """One untimed round of every way (a warm-up: first-use imports and caches),
+    then ``alternate`` over ``runs`` rounds. A way that fails, in the warm-up or
+    later, is left out from then on. Returns the results and the failures (way ->
+    one line).
+    """
+    failures: dict[str, str] = {}
+    await alternate(ways, 1, timeout, failures=failures)
+    results = await alternate(ways, runs, timeout, show=show, failures=failures)
+    return results, failures
 
 
 def _failure_text(exc: BaseException, timeout: float) -> str:
@@ -179,10 +201,6 @@ class Agent:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def mode(self) -> str:
-        return "plaintext" if self.fingerprint is None else "TLS"
-
     def connect(self) -> AbstractAsyncContextManager[tether.Connection]:
         """``connect_agent`` to this agent (its known-hosts file in its directory)."""
         return connect_agent(self.port, self.token, self.fingerprint, self.dir / "known_hosts")
@@ -209,11 +227,46 @@ def connect_agent(
     return tether.connect(address, token=token, fingerprint=fingerprint, known_hosts=known_hosts)
 
 
+def start_agents(
+    stack: ExitStack,
+    tmp: Path,
+    modes: Sequence[str],
+    root: Path | None = None,
+    options: Sequence[str] = (),
+) -> dict[str, Agent]:
+    """One agent per mode ("plaintext" or "TLS"), each in ``tmp/agent-MODE`` with
+    ``options``, sharing ``root`` when given; each stopped when ``stack`` closes."""
+    agents = {}
+    for mode in modes:
+        directory = tmp / f"agent-{mode.lower()}"
+        directory.mkdir()
+        agent = Agent.start(directory, root, tls=mode == "TLS", options=options)
+        stack.callback(agent.stop)
+        agents[mode] = agent
+    return agents
+
+
+async def serve_until_terminated(server: asyncio.Server) -> None:
+    """The end of a helper server process: print its port on stdout (what
+    ``start_port_server`` reads), serve until SIGTERM, close."""
+    print(server.sockets[0].getsockname()[1], flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    server.close()
+
+
 def start_port_server(argv: list[str], name: str) -> tuple[subprocess.Popen[bytes], int]:
-    """Start a server process that prints its port first thing; return it and the port."""
+    """Start a server process that prints its port first thing; return it and the port.
+
+    Raises:
+        SystemExit: no port within START_TIMEOUT (the process is stopped).
+    """
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
+    # The server prints the whole line at once: once readable, readline does not block.
+    readable, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
+    line = proc.stdout.readline() if readable else b""
     if not line.strip().isdigit():
         stop_process(proc)
         raise SystemExit(f"the {name} did not start")
@@ -230,14 +283,100 @@ def peak_rss_mib(pid: int) -> float | None:
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+    """SIGTERM (by PID), then SIGKILL if it has not exited within STOP_TIMEOUT."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=STOP_TIMEOUT)
+
+
+async def reap(proc: asyncio.subprocess.Process, grace: float = STOP_TIMEOUT) -> None:
+    """Wait ``grace`` seconds for a child told to finish (its input closed), then
+    SIGKILL it (by PID) and wait again, at most STOP_TIMEOUT."""
+    if proc.returncode is None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await proc.wait()
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+            proc.kill()
+        async with asyncio.timeout(STOP_TIMEOUT):
+            await proc.wait()
+
+
+def timed_run(
+    what: str,
+    argv: Sequence[str | Path],
+    timeout: float,
+    *,
+    env: Mapping[str, str] | None = None,
+    fsync: Path | None = None,
+) -> float:
+    """Seconds for the process ``argv`` to exit 0 (no input, output captured), and
+    then, when given, for an fsync of the file ``fsync`` (a transfer's destination).
+
+    Raises:
+        SystemExit: it ran over ``timeout`` seconds (it is killed), or exited non-zero
+            (the message has its stderr, else its stdout).
+    """
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [str(a) for a in argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"{what} did not finish within {timeout:.0f} s") from None
+    if proc.returncode == 0 and fsync is not None:
+        fsync_path(fsync)
+    elapsed = time.perf_counter() - started
+    if proc.returncode:
+        output = (proc.stderr or proc.stdout).decode(errors="replace").strip()
+        raise SystemExit(f"{what} failed (exit {proc.returncode}): {output}")
+    return elapsed
+
+
+# Files and ports ----------------------------------------------------------------------
+
+
+def write_random(path: Path, size: int) -> None:
+    """Write ``size`` random bytes to ``path`` (incompressible, in 4 MiB blocks)."""
+    with path.open("wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(left, 4 * MiB))
+            f.write(block)
+            left -= len(block)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush ``path``'s data to disk, as tether does before it reports a transfer done."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove(path: Path) -> None:
+    """Remove a file if it is there."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (another process may take it before it is used)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
 
 
 # Output -------------------------------------------------------------------------------

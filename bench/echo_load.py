@@ -1,6 +1,7 @@
 """One minimal echo load generator for two servers: tether's agent and a minimal echo server.
 
-Not a benchmark itself (``bench/run_echo.py`` and ``bench/bench_requests.py`` use it).
+Not a benchmark itself (``bench/run_echo.py`` and ``bench/bench_requests.py`` use it;
+``bench/bench_idle.py`` uses its ``tether_frame``).
 A ``LoadConnection`` is an asyncio protocol with TCP_NODELAY that keeps ONE
 64-byte echo in flight: it writes a request, waits for the whole reply, checks
 it, and goes on. Only the framing differs between the two servers (a ``Codec``):
@@ -28,6 +29,22 @@ PAYLOAD = b"x" * 64  # bytes per echo
 LENGTH = struct.Struct(">I")  # both framings start with a u32 length
 CONNECT_TIMEOUT = 30.0  # seconds to open (and for tether, authenticate) one connection
 PROTOCOL_VERSION = 1  # the hello's version (tether.limits.PROTOCOL_VERSION)
+
+
+def tether_frame(header: dict[str, Any], body: bytes = b"") -> bytes:
+    """A tether frame (docs/protocol.md §2): u32 header length, JSON header, body."""
+    if body:
+        header = {**header, "body_len": len(body)}
+    raw = json.dumps(header, separators=(",", ":")).encode("ascii")
+    return LENGTH.pack(len(raw)) + raw + body
+
+
+def no_delay(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """Turn Nagle's algorithm off on a connection's socket, as tether does; return the
+    transport as a stream transport (uvloop's do not subclass asyncio's: cast)."""
+    sock = transport.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return cast(asyncio.Transport, transport)
 
 
 class Codec(Protocol):
@@ -70,9 +87,9 @@ class TetherCodec:
         self.header: dict[str, Any] = {}  # of the last complete reply
 
     def hello(self) -> bytes | None:
-        header = {"op": "hello", "id": 0, "version": PROTOCOL_VERSION, "token": self.token}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        return LENGTH.pack(len(raw)) + raw
+        return tether_frame(
+            {"op": "hello", "id": 0, "version": PROTOCOL_VERSION, "token": self.token}
+        )
 
     def request(self) -> bytes:
         self.id += 1
@@ -109,10 +126,7 @@ class LoadConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio's: cast, do not assert.
-        self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = no_delay(transport)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -148,6 +162,10 @@ async def open_load(port: int, codec: Codec) -> LoadConnection:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(CONNECT_TIMEOUT):
         _, conn = await loop.create_connection(lambda: LoadConnection(codec), "127.0.0.1", port)
-        if (hello := codec.hello()) is not None:
-            await conn.send(hello)
+        try:
+            if (hello := codec.hello()) is not None:
+                await conn.send(hello)
+        except BaseException:  # refused or timed out: not left open
+            conn.close()
+            raise
     return conn

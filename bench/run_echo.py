@@ -27,7 +27,7 @@ import bench_requests
 import common
 import echo_load
 from bench_requests import Op, rate_over
-from bench_transfer import Way
+from common import Way
 from report import AGENT_OPTIONS, Row, Section, Settings, Target, median
 
 RUN_TIMEOUT = 120.0  # seconds one batch may take
@@ -75,22 +75,19 @@ def batch(ops: list[Op], count: int) -> Way:
 async def measure(
     settings: Settings, agent: common.Agent, peer_port: int
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    failures: dict[str, str] = {}
+    """Round trips per second of every way over ``settings.runs`` rounds, and the failures."""
     async with contextlib.AsyncExitStack() as stack:
         ops = await connections(stack, agent, peer_port, settings.echo_clients)
-        ways = echo_ways(ops, settings)
-        await common.alternate(ways, 1, RUN_TIMEOUT, failures=failures)  # warm-up
-        rates = await common.alternate(
-            ways,
+        return await common.warm_up_and_alternate(
+            echo_ways(ops, settings),
             settings.runs,
             RUN_TIMEOUT,
             show=lambda name, value: f"echo {name:34} {value:8.0f} /s",
-            failures=failures,
         )
-    return rates, failures
 
 
 def rows(settings: Settings, rates: dict[str, list[float]]) -> list[Row]:
+    """Each tether way against the minimal peer, 1 client and all the clients."""
     out = []
     for clients in ("1 client", f"{settings.echo_clients} clients"):
         peer = f"{NAMES['peer']}, {clients}"

@@ -29,16 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import bench_requests
 import common
 import sshpeers
-from bench_transfer import Way
+from common import Way
 from report import AGENT_OPTIONS, Row, Section, Settings, Target, median
 
 if TYPE_CHECKING:
@@ -50,20 +48,6 @@ MODES = ("plaintext", "TLS")
 
 
 # exec -----------------------------------------------------------------------------------
-
-
-def start_agents(
-    stack: contextlib.ExitStack, tmp: Path, modes: tuple[str, ...]
-) -> dict[str, common.Agent]:
-    """One agent per mode (plaintext, TLS) with the benchmark's limits; stopped with ``stack``."""
-    agents = {}
-    for mode in modes:
-        directory = tmp / f"agent-{mode.lower()}"
-        directory.mkdir()
-        agent = common.Agent.start(directory, tls=mode == "TLS", options=AGENT_OPTIONS)
-        stack.callback(agent.stop)
-        agents[mode] = agent
-    return agents
 
 
 def batch(op: bench_requests.Op, count: int, concurrency: int) -> Way:
@@ -102,26 +86,21 @@ async def exec_ways(
 
 def stdlib_spawn_batch(count: int, concurrency: int) -> Way:
     """A rate measurement of local spawns on a stdlib asyncio loop in a worker thread."""
-    return lambda: asyncio.to_thread(bench_requests.spawn_rate_stdlib, count, concurrency)
+    return lambda: bench_requests.stdlib_spawn_rate(count, concurrency)
 
 
 async def measure_exec(
     settings: Settings, agents: dict[str, common.Agent], sshd: sshpeers.LocalSshd | None
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Calls per second of every way over ``settings.runs`` rounds, and the failures."""
-    count, concurrency = settings.exec_count, settings.exec_concurrency
-    failures: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as stack:
-        ways = await exec_ways(stack, agents, sshd, count, concurrency)
-        await common.alternate(ways, 1, RUN_TIMEOUT, failures=failures)  # warm-up
-        rates = await common.alternate(
+        ways = await exec_ways(stack, agents, sshd, settings.exec_count, settings.exec_concurrency)
+        return await common.warm_up_and_alternate(
             ways,
             settings.runs,
             RUN_TIMEOUT,
             show=lambda name, value: f"exec {name:28} {value:7.0f} calls/s",
-            failures=failures,
         )
-    return rates, failures
 
 
 def exec_rows(settings: Settings, rates: dict[str, list[float]]) -> list[Row]:
@@ -154,7 +133,7 @@ def run_exec_section(settings: Settings, tmp: Path) -> Section:
     """Agents, sshd, then every exec way over the rounds; the rows and notes."""
     reasons = {p: r for p in ("sshd", "asyncssh") if (r := sshpeers.missing(p))}
     with contextlib.ExitStack() as stack:
-        agents = start_agents(stack, tmp, MODES)
+        agents = common.start_agents(stack, tmp, MODES, options=AGENT_OPTIONS)
         sshd = None if reasons else stack.enter_context(sshpeers.LocalSshd())
         rates, failures = common.run_loop(measure_exec(settings, agents, sshd))
     notes = [
@@ -184,41 +163,14 @@ def fresh_tether(agent: common.Agent, known_hosts: Path) -> float:
     """Wall time of one ``tether exec 127.0.0.1:PORT -- true`` process, exit 0 checked."""
     argv = [*tether_command(), "exec", "--known-hosts", str(known_hosts), agent.address]
     env = {**os.environ, "TETHER_TOKEN": agent.token}
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [*argv, "--", "true"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        env=env,
-        timeout=FRESH_TIMEOUT,
-        check=False,
-    )
-    elapsed = time.perf_counter() - started
-    if proc.returncode:
-        raise SystemExit(f"tether exec true failed ({proc.returncode}): {proc.stderr.decode()}")
-    return elapsed
-
-
-async def measure_fresh(
-    ways: dict[str, Way], runs: int
-) -> tuple[dict[str, list[float]], dict[str, str]]:
-    failures: dict[str, str] = {}
-    await common.alternate(ways, 1, FRESH_TIMEOUT, failures=failures)  # warm-up
-    times = await common.alternate(
-        ways,
-        runs,
-        FRESH_TIMEOUT,
-        show=lambda name, s: f"fresh {name:14} {s * 1000:6.0f} ms",
-        failures=failures,
-    )
-    return times, failures
+    return common.timed_run("tether exec true", [*argv, "--", "true"], FRESH_TIMEOUT, env=env)
 
 
 def run_fresh_section(settings: Settings, tmp: Path) -> Section:
     """A TLS agent and sshd; fresh ``tether exec`` and ``ssh`` processes, alternating."""
     reasons = {p: r for p in ("sshd", "ssh") if (r := sshpeers.missing(p))}
     with contextlib.ExitStack() as stack:
-        agent = start_agents(stack, tmp, ("TLS",))["TLS"]
+        agent = common.start_agents(stack, tmp, ["TLS"], options=AGENT_OPTIONS)["TLS"]
         known_hosts = tmp / "known_hosts"  # the pin, as `tether exec` wrote it on first use
         known_hosts.write_text(f"{agent.address} {agent.fingerprint}\n")
         ways: dict[str, Way] = {
@@ -227,7 +179,14 @@ def run_fresh_section(settings: Settings, tmp: Path) -> Section:
         if not reasons:
             sshd = stack.enter_context(sshpeers.LocalSshd())
             ways["ssh true"] = lambda: asyncio.to_thread(sshpeers.ssh_true_seconds, sshd)
-        times, failures = common.run_loop(measure_fresh(ways, settings.fresh_runs))
+        times, failures = common.run_loop(
+            common.warm_up_and_alternate(
+                ways,
+                settings.fresh_runs,
+                FRESH_TIMEOUT,
+                show=lambda name, s: f"fresh {name:14} {s * 1000:6.0f} ms",
+            )
+        )
     ms = {name: [s * 1000 for s in values] for name, values in times.items()}
     row = Row(
         "fresh",

@@ -39,7 +39,8 @@ from typing import Any
 import bench_transfer
 import common
 import sshpeers
-from bench_transfer import RAW_ROW, SOCAT_ROW, STREAM_ROW, MiB, Way
+from bench_transfer import RAW_ROW, SOCAT_ROW, STREAM_ROW
+from common import MiB, Way
 from report import AGENT_OPTIONS, Row, Section, Settings, Target, rate
 
 CLIENT = Path(__file__).with_name("transfer_client.py")
@@ -94,7 +95,7 @@ class ClientProcess:
         )
         client = cls(proc)
         if await client._line(common.START_TIMEOUT) != "ready":
-            client.proc.kill()
+            await common.reap(proc, grace=0)
             raise SystemExit("tether's transfer client did not connect")
         return client
 
@@ -118,26 +119,24 @@ class ClientProcess:
                 line = await self.proc.stdout.readline()
         except BaseException:
             if self.proc.returncode is None:
-                self.proc.kill()
+                self.proc.kill()  # the event loop's child watcher collects it
             raise
         if not line:
-            raise SystemExit(f"tether's transfer client exited ({await self.proc.wait()})")
+            await common.reap(self.proc)
+            raise SystemExit(f"tether's transfer client exited ({self.proc.returncode})")
         return line.decode().strip()
 
     async def close(self) -> None:
-        """End its input; kill it if it has not exited within 15 s."""
+        """End its input; kill it if it has not exited within common.STOP_TIMEOUT."""
         assert self.proc.stdin is not None
         self.proc.stdin.close()
-        try:
-            async with asyncio.timeout(15):
-                await self.proc.wait()
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+        await common.reap(self.proc)
 
 
 @dataclass
 class Files:
+    """The section's files: what is sent, where it lands, and the digests seen."""
+
     tmp: Path
     source: Path  # the random file; put sends it, the SSH peers' get fetches it
     root: Path  # the agents' root; root/source.bin is what tether's get fetches
@@ -159,7 +158,7 @@ def tether_ways(client: ClientProcess, files: Files) -> dict[str, Way]:
             )
             files.digests.append(answer["digest"])
             got = landed.stat().st_size
-            bench_transfer.remove(landed)
+            common.remove(landed)
             if answer["size"] != files.size or got != files.size:
                 raise SystemExit(f"tether {op}: {got} bytes landed, not {files.size}")
             return float(answer["seconds"])
@@ -202,7 +201,7 @@ def cleaned(way: Way, dest: Path) -> Way:
 
     async def run() -> float:
         seconds = await way()
-        bench_transfer.remove(dest)
+        common.remove(dest)
         return seconds
 
     return run
@@ -265,6 +264,8 @@ def interleave(ours: dict[str, Way], theirs: dict[str, Way]) -> dict[str, Way]:
 
 @dataclass
 class Measured:
+    """What ``measure`` found: seconds per way, failures, peak memory in MiB."""
+
     times: dict[str, list[float]]
     failures: dict[str, str]
     rss: dict[str, float | None]  # "agent plaintext", "agent TLS", "client", "receiver"
@@ -305,7 +306,7 @@ async def measure(
 async def warm_up(client: ClientProcess, files: Files) -> None:
     """One small untimed put and get per connection: first-use imports and caches."""
     small = files.tmp / "warm.bin"
-    bench_transfer.write_random(small, MiB)
+    common.write_random(small, MiB)
     os.link(small, files.root / "warm.bin")
     for mode in MODES:
         await client.call({"op": "put", "mode": mode, "local": str(small), "remote": "w.bin"})
@@ -313,7 +314,7 @@ async def warm_up(client: ClientProcess, files: Files) -> None:
             {"op": "get", "mode": mode, "local": str(files.tmp / "w.bin"), "remote": "warm.bin"}
         )
         for path in (files.root / "w.bin", files.tmp / "w.bin"):
-            bench_transfer.remove(path)
+            common.remove(path)
 
 
 def blake3_hex(path: Path) -> str | None:
@@ -329,9 +330,7 @@ def blake3_hex(path: Path) -> str | None:
     return str(hasher.hexdigest())
 
 
-def pipe_ways(
-    stack: contextlib.ExitStack, files: Files, reasons: dict[str, str]
-) -> tuple[dict[str, Way], int]:
+def pipe_ways(stack: contextlib.ExitStack, files: Files) -> tuple[dict[str, Way], int]:
     """The raw pipes (receiver processes started here) and socat; the raw receiver's pid."""
     raw, stream = files.tmp / "raw.bin", files.tmp / "stream.bin"
     raw_port, raw_pid = stack.enter_context(bench_transfer.receiver(raw))
@@ -345,30 +344,19 @@ def pipe_ways(
     return ways, raw_pid
 
 
-def start_agents(stack: contextlib.ExitStack, files: Files) -> dict[str, common.Agent]:
-    """A plaintext and a TLS agent sharing one root; each stopped when ``stack`` closes."""
-    agents = {}
-    for mode in MODES:
-        directory = files.tmp / f"agent-{mode.lower()}"
-        directory.mkdir()
-        agent = common.Agent.start(directory, files.root, tls=mode == "TLS", options=AGENT_OPTIONS)
-        stack.callback(agent.stop)
-        agents[mode] = agent
-    return agents
-
-
 def run_section(settings: Settings, tmp: Path) -> Section:
     """Set up (file, agents, receivers, sshd, connections), measure, make the rows."""
     size = settings.size_mib * MiB
     files = Files(tmp, tmp / "source.bin", tmp / "root", size)
     files.root.mkdir()
-    bench_transfer.write_random(files.source, size)
+    common.write_random(files.source, size)
     os.link(files.source, files.root / "source.bin")
     expected = blake3_hex(files.source)
     reasons = missing_peers()
     with contextlib.ExitStack() as stack:
-        agents = start_agents(stack, files)
-        peers, receiver_pid = pipe_ways(stack, files, reasons)
+        # A plaintext and a TLS agent sharing one root.
+        agents = common.start_agents(stack, tmp, MODES, files.root, AGENT_OPTIONS)
+        peers, receiver_pid = pipe_ways(stack, files)
         sshd = None
         if "sshd" not in reasons:
             sshd = stack.enter_context(sshpeers.LocalSshd())
@@ -425,6 +413,7 @@ def digest_notes(section: Section, files: Files, expected: str | None) -> list[s
 
 
 def rss_notes() -> list[str]:
+    """What the peak memory rows measure."""
     return [
         "transfer RSS: VmHWM (peak resident memory) over the whole section: each agent from its "
         "start to the end of every transfer; the client is bench/transfer_client.py, a process "
@@ -434,6 +423,7 @@ def rss_notes() -> list[str]:
 
 
 def peer_notes(measured: Measured, reasons: dict[str, str]) -> list[str]:
+    """The peers that are not installed, and every way that failed."""
     notes = [f"transfer: {peer} n/a: {reason}" for peer, reason in reasons.items()]
     notes += [f"transfer: {way} FAILED: {why}" for way, why in measured.failures.items()]
     return notes

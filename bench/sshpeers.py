@@ -1,7 +1,8 @@
 """The SSH-side peers of tether's benchmark: OpenSSH, asyncssh and paramiko on loopback.
 
-A library for the benchmark runner, plus ``python bench/sshpeers.py --selftest``,
-which runs every measurement once on a small file and prints the numbers.
+A library for the benchmark runner (``bench/run_transfer.py``, ``bench/run_exec.py``);
+``python bench/sshpeers_selftest.py`` runs every measurement once on a small file
+and prints the numbers.
 
 ``LocalSshd`` starts a throwaway OpenSSH server on 127.0.0.1 (its own host key,
 client key, ``authorized_keys`` and ``sshd_config`` in a temporary directory) and
@@ -45,14 +46,12 @@ peer can run, so the runner can print "n/a".
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import getpass
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -62,11 +61,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+# Run from a script in bench/ (``bench/`` is on sys.path): bench/common.py.
+import common
+
 if TYPE_CHECKING:
     import asyncssh
     import paramiko
 
-MiB = 1024 * 1024
 SSHD = "/usr/sbin/sshd"  # sshd refuses to start from a relative path (it re-executes itself)
 SSHD_PRIVSEP_DIR = Path("/run/sshd")  # Debian's sshd exits at start without it
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"  # Debian's default Subsystem line
@@ -160,15 +161,16 @@ class LocalSshd:
         self.client_key = self.dir / "client_ed25519"
         self.known_hosts = self.dir / "known_hosts"
         for key in (host_key, self.client_key):
-            run_checked(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tether-bench", "-f", key],
+            common.timed_run(
                 "ssh-keygen",
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tether-bench", "-f", key],
+                COMMAND_TIMEOUT,
             )
         authorized = self.dir / "authorized_keys"
         authorized.write_text(self.client_key.with_suffix(".pub").read_text())
         host_public = " ".join(host_key.with_suffix(".pub").read_text().split()[:2])
         for _ in range(START_ATTEMPTS):
-            self.port = free_port()
+            self.port = common.free_port()
             # The non-default port is part of the name ssh looks up: "[host]:port".
             self.known_hosts.write_text(f"[{HOST}]:{self.port} {host_public}\n")
             config = self.dir / "sshd_config"
@@ -182,7 +184,7 @@ class LocalSshd:
                 )
             if self._wait_ready():
                 return
-            self._stop_process()
+            self._stop_process()  # and try another port
         raise SystemExit(f"sshd did not start; its log:\n{self.log.read_text(errors='replace')}")
 
     def _config(self, host_key: Path, authorized: Path) -> str:
@@ -227,13 +229,8 @@ class LocalSshd:
 
     def _stop_process(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+        if proc is not None:
+            common.stop_process(proc)
 
     def stop(self) -> None:
         """Stop sshd (by its PID) and remove the temporary directory."""
@@ -318,43 +315,6 @@ def available(peer: str) -> bool:
 # Helpers ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-def run_checked(argv: list[str | Path], what: str) -> None:
-    """Run a short helper command; SystemExit with its output if it fails."""
-    try:
-        proc = subprocess.run(
-            [str(a) for a in argv],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=COMMAND_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"{what} did not finish within {COMMAND_TIMEOUT:.0f} s") from None
-    if proc.returncode:
-        raise SystemExit(f"{what} failed (exit {proc.returncode}): {proc.stderr.decode()}")
-
-
-def fsync_path(path: Path) -> None:
-    """Flush ``path``'s data to disk, as tether does before it reports a transfer done."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
 def check_copy(what: str, source: Path, dest: Path) -> None:
     """SystemExit unless ``dest`` exists with ``source``'s size."""
     want = source.stat().st_size
@@ -366,25 +326,15 @@ def check_copy(what: str, source: Path, dest: Path) -> None:
         raise SystemExit(f"{what}: {dest} has {got} bytes, {source} has {want}")
 
 
-def timed_process(what: str, argv: list[str], dest: Path) -> float:
-    """Seconds for the process ``argv`` to exit 0, plus an fsync of ``dest``."""
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=RUN_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"{what} did not finish within {RUN_TIMEOUT:.0f} s") from None
-    if proc.returncode == 0:
-        fsync_path(dest)
-    elapsed = time.perf_counter() - started
-    if proc.returncode:
-        output = (proc.stderr or proc.stdout).decode(errors="replace").strip()
-        raise SystemExit(f"{what} failed (exit {proc.returncode}): {output}")
+def timed_copy(what: str, argv: list[str], source: Path, dest: Path) -> float:
+    """Seconds for the process ``argv`` to exit 0, plus an fsync of ``dest``.
+
+    ``dest`` is removed first (outside the timed span), and checked afterwards to
+    have ``source``'s size.
+    """
+    common.remove(dest)
+    elapsed = common.timed_run(what, argv, RUN_TIMEOUT, fsync=dest)
+    check_copy(what, source, dest)
     return elapsed
 
 
@@ -397,20 +347,14 @@ def scp_put(sshd: LocalSshd, source: Path, dest: Path, cipher: str | None = None
     scp uses the SFTP protocol (OpenSSH's default since 9.0); ``cipher`` None is
     OpenSSH's default cipher, ``AES_GCM`` is aes128-gcm@openssh.com.
     """
-    what = f"scp put ({cipher or 'default cipher'})"
-    remove(dest)
-    elapsed = timed_process(what, [*sshd.scp_argv(cipher), str(source), sshd.remote(dest)], dest)
-    check_copy(what, source, dest)
-    return elapsed
+    argv = [*sshd.scp_argv(cipher), str(source), sshd.remote(dest)]
+    return timed_copy(f"scp put ({cipher or 'default cipher'})", argv, source, dest)
 
 
 def scp_get(sshd: LocalSshd, source: Path, dest: Path, cipher: str | None = None) -> float:
     """Seconds for ``scp user@127.0.0.1:SOURCE DEST`` and an fsync of DEST."""
-    what = f"scp get ({cipher or 'default cipher'})"
-    remove(dest)
-    elapsed = timed_process(what, [*sshd.scp_argv(cipher), sshd.remote(source), str(dest)], dest)
-    check_copy(what, source, dest)
-    return elapsed
+    argv = [*sshd.scp_argv(cipher), sshd.remote(source), str(dest)]
+    return timed_copy(f"scp get ({cipher or 'default cipher'})", argv, source, dest)
 
 
 def sftp_put(sshd: LocalSshd, source: Path, dest: Path, cipher: str | None = None) -> float:
@@ -434,12 +378,8 @@ def _sftp_batch(sshd: LocalSshd, verb: str, source: Path, dest: Path, cipher: st
             raise SystemExit(f"{what}: a path with * ? or [ would be globbed by sftp: {path}")
     batch = sshd.dir / f"sftp-{verb}.batch"
     batch.write_text(f"{verb} {sftp_quote(source)} {sftp_quote(dest)}\n")
-    remove(dest)
-    elapsed = timed_process(
-        what, [*sshd.sftp_argv(cipher), "-b", str(batch), sshd.destination], dest
-    )
-    check_copy(what, source, dest)
-    return elapsed
+    argv = [*sshd.sftp_argv(cipher), "-b", str(batch), sshd.destination]
+    return timed_copy(what, argv, source, dest)
 
 
 def sftp_quote(path: Path) -> str:
@@ -513,12 +453,12 @@ async def _asyncssh_transfer(
 ) -> float:
     import asyncssh
 
-    remove(dest)
+    common.remove(dest)
     try:
         async with asyncio.timeout(RUN_TIMEOUT):
             started = time.perf_counter()
             await transfer(str(source), str(dest))
-            fsync_path(dest)
+            common.fsync_path(dest)
             elapsed = time.perf_counter() - started
     except TimeoutError:
         raise SystemExit(f"{what} did not finish within {RUN_TIMEOUT:.0f} s") from None
@@ -629,13 +569,13 @@ def _paramiko_transfer(
 ) -> float:
     import paramiko
 
-    remove(dest)
+    common.remove(dest)
     started = time.perf_counter()
     try:
         transfer(str(source), str(dest))
     except (OSError, EOFError, paramiko.SSHException) as exc:  # socket.timeout is an OSError
         raise SystemExit(f"{what} failed: {exc!r}") from None
-    fsync_path(dest)
+    common.fsync_path(dest)
     elapsed = time.perf_counter() - started
     check_copy(what, source, dest)
     return elapsed
@@ -650,136 +590,4 @@ def ssh_true_seconds(sshd: LocalSshd) -> float:
     A whole connection: key exchange, authentication, a session, the user's
     shell running ``true``, and the close.
     """
-    argv = sshd.ssh_argv("true")
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=COMMAND_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"ssh true did not finish within {COMMAND_TIMEOUT:.0f} s") from None
-    elapsed = time.perf_counter() - started
-    if proc.returncode:
-        output = proc.stderr.decode(errors="replace").strip()
-        raise SystemExit(f"ssh true failed (exit {proc.returncode}): {output}")
-    return elapsed
-
-
-# Self-test ----------------------------------------------------------------------------
-
-
-def write_random(path: Path, size: int) -> None:
-    with path.open("wb") as f:
-        left = size
-        while left:
-            block = os.urandom(min(left, 4 * MiB))
-            f.write(block)
-            left -= len(block)
-
-
-def print_rate(name: str, size: int, seconds: float) -> None:
-    print(f"  {name:34} {seconds:8.3f} s {size / seconds / 1e6:8.0f} MB/s", flush=True)
-
-
-async def selftest_asyncssh(sshd: LocalSshd, source: Path, tmp: Path, exec_count: int) -> None:
-    size = source.stat().st_size
-    async with asyncssh_connection(sshd) as conn, conn.start_sftp_client() as sftp:
-        block, requests = asyncssh_transfer_parameters(sftp)
-        # A private attribute, read for this description only.
-        cipher = getattr(conn, "_enc_alg_cs", b"?").decode()
-        print(f"  asyncssh: cipher {cipher}, {block} B blocks, {requests} requests in flight")
-        put = tmp / "asyncssh-put.bin"
-        print_rate("asyncssh put", size, await asyncssh_put(sftp, source, put))
-        remove(put)
-        got = tmp / "asyncssh-get.bin"
-        print_rate("asyncssh get", size, await asyncssh_get(sftp, source, got))
-        remove(got)
-        for concurrency in (1, min(200, exec_count)) if exec_count else ():
-            per_second = await asyncssh_exec_rate(conn, exec_count, concurrency)
-            label = f"asyncssh run('true'), {concurrency} at once"
-            print(f"  {label:34} {exec_count:6} calls {per_second:8.0f} /s", flush=True)
-
-
-def selftest_paramiko(sshd: LocalSshd, source: Path, tmp: Path) -> None:
-    size = source.stat().st_size
-    with paramiko_sftp(sshd) as sftp:
-        channel = sftp.get_channel()
-        assert channel is not None
-        cipher = channel.get_transport().local_cipher
-        print(f"  paramiko: cipher {cipher}, 32768 B requests")
-        put = tmp / "paramiko-put.bin"
-        print_rate("paramiko put", size, paramiko_put(sftp, source, put))
-        remove(put)
-        got = tmp / "paramiko-get.bin"
-        print_rate("paramiko get", size, paramiko_get(sftp, source, got))
-        remove(got)
-
-
-def selftest(args: argparse.Namespace) -> None:
-    """Every measurement once, on a random file of ``--size`` MiB; prints the numbers."""
-    import common  # bench/common.py: the event loop tether's benchmarks use
-
-    size = args.size * MiB
-    for peer in PEERS:
-        if reason := missing(peer):
-            print(f"  {peer}: n/a ({reason})")
-    with (
-        tempfile.TemporaryDirectory(prefix="tether-sshpeers-", dir=args.dir) as name,
-        LocalSshd(args.sftp_server, shell_rc=args.shell_rc) as sshd,
-    ):
-        tmp = Path(name)
-        source = tmp / "source.bin"
-        write_random(source, size)
-        rc = "sourced" if sshd.shell_rc else "skipped (SHLVL=1)"
-        print(
-            f"sshd on {HOST}:{sshd.port}, Subsystem sftp {sshd.sftp_server}, "
-            f"~/.bashrc {rc}, {size // MiB} MiB file in {tmp}"
-        )
-        dest = tmp / "dest.bin"
-        for cipher in (None, AES_GCM):
-            label = cipher or "default cipher"
-            for name_, measure in (
-                ("scp put", scp_put),
-                ("scp get", scp_get),
-                ("sftp put", sftp_put),
-                ("sftp get", sftp_get),
-            ):
-                print_rate(f"{name_} ({label})", size, measure(sshd, source, dest, cipher))
-                remove(dest)
-        exec_count = 0 if args.no_exec else args.exec_count
-        if available("asyncssh"):
-            common.run_loop(selftest_asyncssh(sshd, source, tmp, exec_count))
-        if available("paramiko"):
-            selftest_paramiko(sshd, source, tmp)
-        if exec_count:
-            seconds = [ssh_true_seconds(sshd) for _ in range(3)]
-            print(f"  fresh ssh true, 3 runs: {', '.join(f'{s * 1000:.0f} ms' for s in seconds)}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--selftest", action="store_true", help="run every measurement once")
-    parser.add_argument("--size", type=int, default=64, help="file size in MiB (default 64)")
-    parser.add_argument("--exec-count", type=int, default=200, help="exec calls per rate run")
-    parser.add_argument("--no-exec", action="store_true", help="transfers only")
-    parser.add_argument("--dir", type=Path, default=None, help="where the temporary files go")
-    parser.add_argument(
-        "--sftp-server", default=SFTP_SERVER, help="sshd's Subsystem sftp (or internal-sftp)"
-    )
-    parser.add_argument(
-        "--shell-rc", action="store_true", help="let sshd's bash source ~/.bashrc per command"
-    )
-    args = parser.parse_args()
-    if not args.selftest:
-        parser.error("this module is a library; --selftest is its only mode")
-    if args.size < 1 or args.exec_count < 1:
-        parser.error("--size and --exec-count must be at least 1")
-    selftest(args)
-
-
-if __name__ == "__main__":
-    main()
+    return common.timed_run("ssh true", sshd.ssh_argv("true"), COMMAND_TIMEOUT)
