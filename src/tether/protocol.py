@@ -100,6 +100,7 @@ class ConnectionFailed:
 Event = HelloReceived | RequestReceived | ControlReceived | ReplyReceived | ConnectionFailed
 
 MAX_ERROR_MESSAGE = 1024  # characters of an error message we send
+_JOIN_BELOW = 16 * 1024  # a body shorter than this is joined to its header
 
 # Requests start under a fresh id; everything else a client sends after hello
 # (stdin, signal, data, done, cancel) is a control frame for a running one.
@@ -141,9 +142,11 @@ class _Base:
             # push a reply over the header limit.
             msg = Error(msg.id, msg.code, msg.message[: MAX_ERROR_MESSAGE - 3] + "...")
         header, body = to_frame_parts(msg)
-        self._out.append(encode_frame_head(header, len(body), self.limits))
-        if body:
-            self._out.append(body)
+        head = encode_frame_head(header, len(body), self.limits)
+        if len(body) >= _JOIN_BELOW:
+            self._out += (head, body)  # written from where it lies: no copy
+        else:
+            self._out.append(head + body)  # one buffer: cheaper to write than two
 
     def _fail(self, code: str, message: str) -> None:
         if self.state is State.CLOSED:
