@@ -51,7 +51,7 @@ from ..messages import (
 )
 from ..protocol import ClientProtocol, ConnectionFailed, ReplyReceived
 from ..tokens import find_client_token
-from . import tls
+from . import tls, wire
 
 if TYPE_CHECKING:
     from . import transfer
@@ -242,9 +242,7 @@ class _ClientConnection(asyncio.BufferedProtocol):
         self.flush()
 
     def flush(self) -> None:
-        data = self.protocol.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(data)
+        wire.flush(self.protocol, self.transport)
 
     async def drain(self) -> None:
         await self._writable.wait()

@@ -53,6 +53,7 @@ from ..tokens import load_tokens
 from .execution import KILL_GRACE, ExecRunner
 from .files import FILE_HANDLERS
 from .udp import PingResponder
+from .wire import flush
 
 __all__ = ["Server", "ServerConfig", "ServerConnection"]
 
@@ -267,9 +268,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     # Internals ----------------------------------------------------------------------
 
     def _flush(self) -> None:
-        data = self.protocol.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(data)
+        flush(self.protocol, self.transport)
 
     def _process_events(self) -> None:
         # Handling an event may produce more (accepting a hello releases the
