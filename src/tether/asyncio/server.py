@@ -507,9 +507,11 @@ async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
     server, config = conn.server, conn.server.config
     env = {**os.environ, **(request.env or {})}
     program = request.argv[0] if request.argv is not None else "/bin/sh"
-    # Looked up in the agent's own PATH: a client's PATH must not pick the binary.
-    resolved = shutil.which(program, path=os.environ.get("PATH", os.defpath))
-    resolved = os.path.abspath(resolved) if resolved is not None else None
+    resolved = None
+    if config.allow:  # only an allow-list needs the path: a lookup costs stat calls
+        # Looked up in the agent's own PATH: a client's PATH must not pick the binary.
+        resolved = shutil.which(program, path=os.environ.get("PATH", os.defpath))
+        resolved = os.path.abspath(resolved) if resolved is not None else None
     refusal = server.policy.refusal(program, resolved) or server.policy.env_refusal(
         sorted(request.env or {})
     )
