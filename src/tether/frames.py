@@ -27,7 +27,7 @@ Body = bytes | bytearray
 """A frame body: a bytearray when a large one was received in place, without a copy."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per frame (see protocol.py's events)
 class Frame:
     """One decoded frame: its header object and its body bytes."""
 

@@ -50,41 +50,46 @@ __all__ = [
 ]
 
 
+# Events are plain slotted dataclasses, not frozen ones: one is made per
+# frame (a frozen __init__ sets each field through object.__setattr__), and
+# each frozen class compiles two more methods at import.
+
+
 class State(Enum):
     AWAIT_HELLO = "await_hello"
     OPEN = "open"
     CLOSED = "closed"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HelloReceived:
     """The client's hello; answer with ``accept_hello`` or ``reject_hello``."""
 
     hello: Hello
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestReceived:
     """A new request (``exec``, ``echo``) under a fresh id."""
 
     request: Message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ControlReceived:
     """A follow-up frame (``stdin``, ``signal``) for a request still running."""
 
     message: Message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReplyReceived:
     """A frame from the agent: the hello reply (id 0) or part of a reply."""
 
     message: Message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionFailed:
     """The connection is over: flush ``data_to_send()`` and close.
 
