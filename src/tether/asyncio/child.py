@@ -152,10 +152,11 @@ async def spawn(
     try:
         await child._attach()
     except BaseException:
-        child.close()
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()  # those not handed to a transport yet
+        attached = set(child.pipes)
+        child.close()  # the transports close their own pipes
+        for fd, pipe in enumerate((proc.stdin, proc.stdout, proc.stderr)):
+            if pipe is not None and fd not in attached:
+                pipe.close()  # not handed to a transport: ours to close
         with contextlib.suppress(ChildProcessError):
             proc.wait()  # killed just now: does not block for long
         raise
