@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import blake3
 import pytest
 
 LISTEN_RE = re.compile(r"listening on (tls|tcp|udp|unix) (\S+)")
@@ -186,3 +188,52 @@ class Cli:
             capture_output=True,
             timeout=timeout,
         )
+
+
+PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
+# Shared checks ---------------------------------------------------------------------
+
+
+def digest(path: PathArg) -> str:
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with open(path, "rb") as f:
+        while block := f.read(16 * 1024 * 1024):
+            hasher.update(block)
+    result: str = hasher.hexdigest()
+    return result
+
+
+def snapshot(top: Path) -> dict[bytes, tuple[object, ...]]:
+    """Everything a tree copy must reproduce, keyed by relative bytes path: types,
+    modes, mtimes of files and directories, file digests, link targets (never followed)."""
+    result: dict[bytes, tuple[object, ...]] = {}
+
+    def visit(path: bytes, rel: bytes) -> None:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            result[rel] = ("link", os.readlink(path))
+        elif stat.S_ISDIR(st.st_mode):
+            result[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+            for name in sorted(os.listdir(path)):
+                visit(os.path.join(path, name), os.path.join(rel, name))
+        elif stat.S_ISREG(st.st_mode):
+            result[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, digest(path))
+        else:
+            result[rel] = ("other", st.st_mode)
+
+    visit(os.fsencode(top), b".")
+    return result
+
+
+def rss(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes (0 once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass
+    return 0

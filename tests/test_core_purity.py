@@ -125,3 +125,32 @@ def test_importing_the_core_loads_no_io_module() -> None:
     assert "tether.protocol" in loaded
     assert not any(m.startswith("tether.asyncio") for m in loaded)
     assert "tether.cli" not in loaded
+
+
+def test_a_command_that_moves_no_files_loads_no_agent_or_transfer_code() -> None:
+    """A fresh ``tether exec`` is mostly imports (the performance issue): the
+    package loads its parts on first use, so the client path leaves the agent,
+    the transfer code, hashing and certificate generation unloaded."""
+    probe = textwrap.dedent(
+        """
+        import sys
+        import tether, tether.cli
+        tether.connect, tether.run, tether.UsageError, tether.RemoteProcess
+        print(" ".join(sorted(sys.modules)))
+        """
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.split()
+    )
+    assert "tether.asyncio.client" in loaded  # the probe did reach the client
+    unwanted = {
+        "tether.asyncio.server",
+        "tether.asyncio.transfer",
+        "tether.asyncio.fileio",
+        "blake3",
+        "cryptography",
+        "secrets",
+    }
+    assert loaded & unwanted == set()

@@ -34,11 +34,19 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
-import blake3
 import pytest
 
 import tether
-from conftest import Agent, Cli, check_clean_log, pin_known_host, start_agent
+from conftest import (
+    Agent,
+    Cli,
+    PathArg,
+    check_clean_log,
+    digest,
+    pin_known_host,
+    snapshot,
+    start_agent,
+)
 
 MiB = 1024 * 1024
 CHUNK = MiB  # bytes per data frame (fileio.CHUNK_SIZE): sizes around it matter
@@ -54,8 +62,6 @@ pytestmark = pytest.mark.timeout(180)
 
 
 # Helpers ---------------------------------------------------------------------------
-
-PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
 
 def run_cli(
@@ -115,15 +121,6 @@ def write_random(path: Path, size: int) -> None:
             block = os.urandom(min(left, 4 * MiB))
             f.write(block)
             left -= len(block)
-
-
-def digest(path: PathArg) -> str:
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with open(path, "rb") as f:
-        while block := f.read(16 * MiB):
-            hasher.update(block)
-    result: str = hasher.hexdigest()
-    return result
 
 
 def assert_same_file(copy: Path, original: Path) -> None:
@@ -579,27 +576,6 @@ def make_tree(top: Path) -> None:
         rel = os.path.relpath(directory, base)
         os.chmod(directory, TREE_DIRS.get(rel, 0o750 if rel == b"." else 0o755))
         os.utime(directory, ns=(next(stamp), next(stamp)))
-
-
-def snapshot(top: Path) -> dict[bytes, tuple[object, ...]]:
-    """Every entry below ``top`` by relative bytes path: type, mode, mtime, content."""
-    result: dict[bytes, tuple[object, ...]] = {}
-
-    def visit(path: bytes, rel: bytes) -> None:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            result[rel] = ("link", os.readlink(path))
-        elif stat.S_ISDIR(st.st_mode):
-            result[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
-            for name in sorted(os.listdir(path)):
-                visit(os.path.join(path, name), os.path.join(rel, name))
-        elif stat.S_ISREG(st.st_mode):
-            result[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, digest(path))
-        else:
-            result[rel] = ("other", st.st_mode)
-
-    visit(os.fsencode(top), b".")
-    return result
 
 
 @pytest.fixture

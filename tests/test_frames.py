@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import tracemalloc
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -585,6 +586,23 @@ def test_small_bodies_are_bytes_and_an_idle_decoder_starts_afresh() -> None:
     assert frame.body == b"x" * 100 and isinstance(frame.body, bytes)
     # Nothing partial is held: the next read gets a whole scratch buffer.
     assert len(decoder.get_buffer(-1)) == FrameDecoder.SCRATCH_SIZE
+
+
+def test_decoders_with_nothing_partial_hold_no_buffer() -> None:
+    """An agent may hold 10,000 idle connections: once every frame is out, a
+    decoder keeps no scratch buffer (16 KiB each otherwise)."""
+    data = encode_frame({"op": "echo", "id": 1}, b"x" * 100)
+    decoders = [FrameDecoder() for _ in range(200)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for decoder in decoders:
+            feed_in_place(decoder, data, most=len(data))
+            assert len(list(decoder.frames())) == 1
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 200 * FrameDecoder.SCRATCH_SIZE // 10, held
 
 
 def test_a_reused_body_buffer_takes_the_next_body_of_that_size() -> None:

@@ -34,7 +34,7 @@ import blake3
 import pytest
 
 import tether
-from conftest import Agent, check_clean_log, start_agent
+from conftest import Agent, check_clean_log, rss, start_agent
 from rawclient import RawClient, tcp_address
 from tether.frames import Frame, FrameDecoder, encode_frame
 from tether.limits import PROTOCOL_VERSION
@@ -68,18 +68,6 @@ def unique_seconds() -> str:
 def final_for(ident: int) -> Callable[[list[Frame]], bool]:
     """Whether request ``ident`` has ended (its ``exit`` or ``error`` frame came)."""
     return lambda frames: any(f.id == ident and f.op in ("exit", "error") for f in frames)
-
-
-def rss(pid: int) -> int:
-    """Resident set size of ``pid`` in bytes (0 once it has gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except FileNotFoundError:
-        pass
-    return 0
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -25,7 +25,7 @@ import blake3
 import pytest
 
 import tether
-from conftest import Agent, check_clean_log, start_agent
+from conftest import Agent, check_clean_log, snapshot, start_agent
 from tether.asyncio.fileio import CHUNK_SIZE, partial_path
 
 MiB = 1024 * 1024
@@ -93,33 +93,6 @@ def assert_meta(path: Path, mode: int, mtime_ns: int) -> None:
     st = os.lstat(path)
     assert stat.S_IMODE(st.st_mode) == mode, f"{path}: mode {oct(st.st_mode)}"
     assert st.st_mtime_ns == mtime_ns, f"{path}: mtime {st.st_mtime_ns} != {mtime_ns}"
-
-
-def snapshot(top: Path) -> dict[bytes, tuple[object, ...]]:
-    """Everything a tree copy must reproduce, keyed by relative bytes path.
-
-    Types, file bytes (as a digest), modes, mtimes of files and directories,
-    and link targets. Symlinks are described, never followed.
-    """
-    result: dict[bytes, tuple[object, ...]] = {}
-
-    def visit(path: bytes, rel: bytes) -> None:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            result[rel] = ("link", os.readlink(path))
-        elif stat.S_ISDIR(st.st_mode):
-            result[rel] = ("dir", oct(stat.S_IMODE(st.st_mode)), st.st_mtime_ns)
-            for name in sorted(os.listdir(path)):
-                visit(path + b"/" + name, rel + b"/" + name if rel else name)
-        elif stat.S_ISREG(st.st_mode):
-            with open(path, "rb") as f:
-                content = hashlib.sha256(f.read()).hexdigest()
-            result[rel] = ("file", oct(stat.S_IMODE(st.st_mode)), st.st_mtime_ns, content)
-        else:
-            result[rel] = ("other", st.st_mode)
-
-    visit(os.fsencode(top), b"")
-    return result
 
 
 @contextlib.contextmanager
@@ -538,6 +511,14 @@ def any_agent(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Agent]
         check_clean_log(a)
 
 
+def assert_untouched(dest: Path, existing: bool) -> None:
+    """A failed transfer left ``dest`` as it was: its previous content, or absent."""
+    if existing:
+        assert dest.read_bytes() == b"previous content"
+    else:
+        assert not dest.exists()
+
+
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
 async def test_bit_flip_during_put_is_checksum_mismatch(
     plain_agent: Agent, tmp_path: Path, existing: bool
@@ -555,10 +536,7 @@ async def test_bit_flip_during_put_is_checksum_mismatch(
             assert info.value.code == "checksum_mismatch"
             assert await conn.echo("still usable") == "still usable"
         assert proxy.flipped == ["up"]
-    if existing:
-        assert dest.read_bytes() == b"previous content"
-    else:
-        assert not dest.exists()
+    assert_untouched(dest, existing)
     assert partials(agent.root) == []
     assert sorted(os.listdir(agent.root)) == (["dest.bin"] if existing else [])
 
@@ -581,10 +559,7 @@ async def test_bit_flip_during_get_is_checksum_mismatch(
             assert info.value.code == "checksum_mismatch"
             assert await conn.echo("still usable") == "still usable"
         assert proxy.flipped == ["down"]
-    if existing:
-        assert dest.read_bytes() == b"previous content"
-    else:
-        assert not dest.exists()
+    assert_untouched(dest, existing)
     assert os.listdir(local_dir) == (["dest.bin"] if existing else [])
 
 
@@ -615,10 +590,7 @@ async def test_bit_flip_inside_tls_during_put_fails_and_writes_nothing(
             with pytest.raises(tether.ConnectionClosed):
                 await conn.put(local, "dest.bin")
         assert proxy.flipped == ["up"]
-    if existing:
-        assert dest.read_bytes() == b"previous content"
-    else:
-        assert not dest.exists()
+    assert_untouched(dest, existing)
     assert_only_true_prefixes(partials(agent.root), local.read_bytes())
     async with connect(agent) as conn:  # the agent goes on serving
         assert await conn.echo("after the flip") == "after the flip"
@@ -641,10 +613,7 @@ async def test_bit_flip_inside_tls_during_get_fails_and_writes_nothing(
                 await conn.get("src.bin", dest)
             assert "bad record mac" in str(info.value).lower(), info.value  # TLS caught it
         assert proxy.flipped == ["down"]
-    if existing:
-        assert dest.read_bytes() == b"previous content"
-    else:
-        assert not dest.exists()
+    assert_untouched(dest, existing)
     left = [name for name in os.listdir(local_dir) if name != "dest.bin"]
     assert_only_true_prefixes(
         [str(local_dir / name) for name in left], (agent.root / "src.bin").read_bytes()

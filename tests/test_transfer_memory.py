@@ -16,25 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Agent
+from conftest import Agent, rss
 from tether.frames import FrameDecoder, encode_frame
 from tether.limits import PROTOCOL_VERSION
 
 GiB = 1024 * 1024 * 1024
 MiB = 1024 * 1024
 RSS_LIMIT = 128 * MiB  # the issue's bound for either side during a 4 GiB transfer
-
-
-def rss(pid: int) -> int:
-    """Resident set size of ``pid`` in bytes (0 once it has gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except FileNotFoundError:
-        pass
-    return 0
 
 
 class PeakRss:

@@ -190,13 +190,13 @@ class FrameDecoder:
         # list, not a deque: it holds a few frames, and an empty deque costs
         # 13 times the memory (an agent may hold 10,000 idle connections).
         self._ready: list[tuple[Frame, int]] = []
-        self._ready_bytes = 0
         self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
-        return self._ready_bytes + (self._end - self._start) + self._body_filled
+        ready = sum(length for _, length in self._ready)
+        return ready + (self._end - self._start) + self._body_filled
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Take bytes read elsewhere; never raises (a violation waits for :meth:`frames`)."""
@@ -251,8 +251,7 @@ class FrameDecoder:
             ProtocolError: a header is malformed.
         """
         while self._ready:
-            frame, length = self._ready.pop(0)
-            self._ready_bytes -= length
+            frame, _ = self._ready.pop(0)
             yield frame
         if self._error is not None:
             raise self._error
@@ -326,7 +325,6 @@ class FrameDecoder:
     def _emit(self, body: Body) -> None:
         assert self._header is not None
         self._ready.append((Frame(self._header, body), self._frame_len))
-        self._ready_bytes += self._frame_len
         self._header, self._body_len = None, 0
         self._body, self._body_filled = None, 0
 
