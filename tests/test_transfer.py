@@ -394,10 +394,10 @@ async def test_tree_round_trip_reproduces_everything(agent: Agent, tmp_path: Pat
     build_tree(src, outside)
     expected = snapshot(src)
     # The helper itself must see what the tree is made of.
-    assert expected[b"readonly"][1] == oct(0o555)
-    assert expected[b"secret.txt"][1] == oct(0o600)
-    assert expected[b"link_out"] == ("link", os.fsencode(outside))
-    assert b"bad\xffname" in expected and b"dir\xfe/inner\xfd.txt" in expected
+    assert expected[b"./readonly"][1] == 0o555
+    assert expected[b"./secret.txt"][1] == 0o600
+    assert expected[b"./link_out"] == ("link", os.fsencode(outside))
+    assert b"./bad\xffname" in expected and b"./dir\xfe/inner\xfd.txt" in expected
 
     async with connect(agent) as conn:
         put_results = await conn.put_tree(src, "tree")
