@@ -79,12 +79,20 @@ class LengthCodec:
 
 
 class TetherCodec:
-    """tether frames: a hello with ``token``, then echo requests with fresh ids."""
+    """tether frames: a hello with ``token``, then echo requests with fresh ids.
+
+    A reply that is byte for byte the frame the reference agent writes for this
+    id (``{"op":"ok","id":N,"body_len":64}`` and the payload) is recognised by
+    comparing bytes, as ``LengthCodec`` does; any other reply is parsed as JSON
+    and checked field by field, so a conforming agent that writes its header
+    differently is still understood, only more slowly.
+    """
 
     def __init__(self, token: str) -> None:
         self.token = token
         self.id = 0
         self.header: dict[str, Any] = {}  # of the last complete reply
+        self.expected = b""  # the reference agent's whole reply to the last request
 
     def hello(self) -> bytes | None:
         return tether_frame(
@@ -94,9 +102,14 @@ class TetherCodec:
     def request(self) -> bytes:
         self.id += 1
         header = b'{"op":"echo","id":%d,"body_len":%d}' % (self.id, len(PAYLOAD))
+        reply = b'{"op":"ok","id":%d,"body_len":%d}' % (self.id, len(PAYLOAD))
+        self.expected = LENGTH.pack(len(reply)) + reply + PAYLOAD
         return LENGTH.pack(len(header)) + header + PAYLOAD
 
     def reply_end(self, buffer: bytearray) -> int:
+        if self.id and buffer.startswith(self.expected):
+            self.header = {"op": "ok", "id": self.id}
+            return len(self.expected)
         if len(buffer) < LENGTH.size:
             return 0
         start = LENGTH.size + LENGTH.unpack_from(buffer)[0]

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from tether.exceptions import ProtocolError
-from tether.frames import Frame, FrameDecoder, encode_frame
-from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN
+from tether.exceptions import FrameTooLarge, ProtocolError
+from tether.frames import Frame, FrameDecoder, encode_frame, encode_frame_head
+from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN, Limits
 from tether.messages import (
     CLIENT_MESSAGES,
     SERVER_MESSAGES,
@@ -44,6 +44,7 @@ from tether.messages import (
     Symlink,
     decode_client_message,
     decode_server_message,
+    encode_message,
     to_frame_parts,
 )
 
@@ -146,6 +147,33 @@ def test_client_message_round_trip(msg: Message) -> None:
 @pytest.mark.parametrize("msg", SERVER_SAMPLES, ids=repr)
 def test_server_message_round_trip(msg: Message) -> None:
     assert decode_server_message(through_the_wire(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        *CLIENT_SAMPLES,
+        *SERVER_SAMPLES,
+        Stat(3, "caf\u00e9/\udcff \"quoted\"\n"),  # escapes, a PEP 383 surrogate
+        Exit(4, status=-(2**70)),  # integers of any size
+        Stdout(5, bytearray(b"in place")),  # a body received in place
+    ],
+    ids=repr,
+)
+def test_encode_message_writes_what_the_general_encoder_writes(msg: Message) -> None:
+    # encode_message writes headers of integers and strings from a template;
+    # anything else goes the general way. Either way, the same bytes.
+    header, body = to_frame_parts(msg)
+    assert encode_message(msg) == (encode_frame_head(header, len(body)), body)
+
+
+def test_encode_message_checks_the_limits() -> None:
+    limits = Limits(max_header=64, max_body=8)
+    with pytest.raises(FrameTooLarge):
+        encode_message(Stdout(1, b"x" * 9), limits)
+    with pytest.raises(FrameTooLarge):
+        encode_message(Stat(1, "p" * 64), limits)
+    assert encode_message(Stdout(1, b"x" * 8), limits)[1] == b"x" * 8
 
 
 def test_to_frame_parts_leaves_out_none_and_moves_body() -> None:

@@ -195,6 +195,35 @@ def test_echo_round_trip_with_empty_body() -> None:
     assert pair.to_client() == [ReplyReceived(Ok(1, b""))]
 
 
+@pytest.mark.parametrize("body", [b"", b"\x00\xff ping", bytes(range(256)) * 100])
+def test_answer_echo_replies_at_once_without_an_event(body: bytes) -> None:
+    server = open_server()
+    server.answer_echo = True
+    assert feed(server, wire(Echo(7, body))) == []
+    assert sent_messages(server) == [Ok(7, body)]
+    assert server.active_requests == frozenset()
+    # The id is free again at once, and later requests still become events.
+    assert feed(server, wire(Echo(7, b"again")) + wire(Exec(8, argv=["id"]))) == [
+        RequestReceived(Exec(8, argv=["id"]))
+    ]
+    assert sent_messages(server) == [Ok(7, b"again")]
+
+
+def test_answer_echo_still_refuses_an_id_in_use() -> None:
+    server = open_server()
+    server.answer_echo = True
+    feed(server, wire(Exec(3, argv=["sleep", "1"])))
+    events = feed(server, wire(Echo(3, b"x")))
+    assert_failed(server, events, "protocol_error", "request id 3 is already in use")
+
+
+def test_answer_echo_does_not_answer_before_hello() -> None:
+    server = ServerProtocol()
+    server.answer_echo = True
+    events = feed(server, wire(Echo(1, b"x")))
+    assert_failed(server, events, "unauthenticated", "the first frame must be hello")
+
+
 def test_client_request_ids_start_at_one_and_are_fresh() -> None:
     client = ClientProtocol()
     assert [client.new_request_id() for _ in range(3)] == [1, 2, 3]

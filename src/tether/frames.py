@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .exceptions import FrameTooLarge, ProtocolError, UsageError
 from .limits import Limits
 
-__all__ = ["PREFIX_LEN", "Body", "Frame", "FrameDecoder", "encode_frame", "encode_frame_head"]
+__all__ = [
+    "PREFIX_LEN",
+    "Body",
+    "Frame",
+    "FrameDecoder",
+    "encode_frame",
+    "encode_frame_head",
+    "frame_head",
+]
 
 _PREFIX = struct.Struct(">I")
 PREFIX_LEN = _PREFIX.size  # 4 bytes
@@ -58,6 +66,7 @@ def _reject_constant(name: str) -> Any:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _quote = json.encoder.encode_basestring_ascii
+_scan_once: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 
 
 def _encode_header(header: Mapping[str, Any]) -> str:
@@ -74,16 +83,6 @@ def _encode_header(header: Mapping[str, Any]) -> str:
             encoded: str = _ENCODER.encode(header)
             return encoded
     return "{" + ",".join(parts) + "}"
-
-
-def _decode_header(text: str) -> Any:
-    try:
-        value, end = _DECODER.raw_decode(text)  # no whitespace to skip: the common case
-        if end == len(text):
-            return value
-    except ValueError:
-        pass
-    return _DECODER.decode(text)  # whitespace around the object, or the precise error
 
 
 def encode_frame_head(
@@ -105,6 +104,15 @@ def encode_frame_head(
         raw = _encode_header(header).encode("ascii")
     except (TypeError, ValueError) as exc:
         raise UsageError(f"cannot encode frame header: {exc}") from None
+    return frame_head(raw, limits)
+
+
+def frame_head(raw: bytes, limits: Limits) -> bytes:
+    """The length prefix and ``raw``, an encoded header, checked against ``limits``.
+
+    Raises:
+        FrameTooLarge: the header is over ``limits.max_header``.
+    """
     if len(raw) > limits.max_header:
         raise FrameTooLarge("header", len(raw), limits.max_header)
     return _PREFIX.pack(len(raw)) + raw
@@ -133,7 +141,15 @@ def parse_header(raw: bytes | bytearray | memoryview, limits: Limits) -> dict[st
         FrameTooLarge: ``body_len`` is over ``limits.max_body``.
     """
     try:
-        header = _decode_header(str(raw, "utf-8"))
+        text = str(raw, "utf-8")
+        try:
+            # The C scanner itself (raw_decode without its Python wrapper):
+            # no whitespace to skip is the common case.
+            header, end = _scan_once(text, 0)
+        except StopIteration:
+            end = -1
+        if end != len(text):
+            header = _DECODER.decode(text)  # whitespace around it, or the precise error
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError("frame header is not UTF-8 JSON") from exc
     if not isinstance(header, dict):
@@ -250,11 +266,21 @@ class FrameDecoder:
             FrameTooLarge: a declared length is over its limit.
             ProtocolError: a header is malformed.
         """
-        while self._ready:
-            frame, _ = self._ready.pop(0)
+        while (frame := self.next_frame()) is not None:
             yield frame
+
+    def next_frame(self) -> Frame | None:
+        """The oldest complete frame not yet taken; None when there is none.
+
+        Raises:
+            FrameTooLarge: a declared length is over its limit.
+            ProtocolError: a header is malformed.
+        """
+        if self._ready:
+            return self._ready.pop(0)[0]
         if self._error is not None:
             raise self._error
+        return None
 
     def reuse_body(self, body: Body) -> None:
         """Give back the body of a frame from :meth:`frames` once nothing refers to it.
@@ -295,8 +321,8 @@ class FrameDecoder:
                     self._reserve(PREFIX_LEN + header_len)
                     return
                 begin = start + PREFIX_LEN
-                with memoryview(scratch) as view:
-                    header = parse_header(view[begin : begin + header_len], self.limits)
+                # Slicing copies, which for a header costs less than a memoryview.
+                header = parse_header(scratch[begin : begin + header_len], self.limits)
                 self._header, self._body_len = header, header.get("body_len", 0)
                 self._frame_len = PREFIX_LEN + header_len + self._body_len
                 self._start = start = begin + header_len
@@ -318,8 +344,10 @@ class FrameDecoder:
             if available < body_len:
                 self._reserve(body_len)
                 return
-            with memoryview(scratch) as view:
-                self._emit(bytes(view[start : start + body_len]) if body_len else _EMPTY)
+            # _emit, written out: this is every small frame's path.
+            small = bytes(scratch[start : start + body_len]) if body_len else _EMPTY
+            self._ready.append((Frame(self._header, small), self._frame_len))
+            self._header, self._body_len = None, 0
             self._start = start + body_len
 
     def _emit(self, body: Body) -> None:

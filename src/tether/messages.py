@@ -13,10 +13,12 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, fields
 from enum import StrEnum
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, ClassVar
 
-from .exceptions import ProtocolError
-from .frames import Body, Frame
+from .exceptions import FrameTooLarge, ProtocolError
+from .frames import Body, Frame, encode_frame_head, frame_head
+from .limits import Limits
 
 __all__ = [
     "CLIENT_MESSAGES",
@@ -54,6 +56,7 @@ __all__ = [
     "Symlink",
     "decode_client_message",
     "decode_server_message",
+    "encode_message",
     "is_os_string",
     "to_frame_parts",
 ]
@@ -555,6 +558,48 @@ def to_frame_parts(msg: Message) -> tuple[dict[str, Any], Body]:
     return header, body
 
 
+def encode_message(msg: Message, limits: Limits | None = None) -> tuple[bytes, Body]:
+    """The frame of ``msg`` as its head (length prefix and header) and its body.
+
+    The same bytes as :func:`encode_frame_head` of :func:`to_frame_parts`,
+    written faster: every frame sent goes through here, and most headers
+    hold only integers and strings, which go straight into a template made
+    once per message class. Anything else takes the general way.
+
+    Raises:
+        FrameTooLarge: the header or body would exceed ``limits``.
+    """
+    prefix, keys = _TEMPLATES[type(msg)]
+    ident = msg.id
+    if type(ident) is not int:
+        return _encode_generic(msg, limits)
+    parts = [prefix, str(ident)]
+    for name, key in keys:
+        value = getattr(msg, name)
+        if value is None:
+            continue
+        kind = type(value)
+        if kind is int:
+            parts += (key, str(value))
+        elif kind is str:
+            parts += (key, _quote(value))
+        else:
+            return _encode_generic(msg, limits)
+    body: Body = msg.body if msg.HAS_BODY else b""  # type: ignore[attr-defined]
+    limits = limits or _DEFAULT_LIMITS
+    if body:
+        if len(body) > limits.max_body:
+            raise FrameTooLarge("body", len(body), limits.max_body)
+        parts += (',"body_len":', str(len(body)))
+    parts.append("}")
+    return frame_head("".join(parts).encode("ascii"), limits), body
+
+
+def _encode_generic(msg: Message, limits: Limits | None) -> tuple[bytes, Body]:
+    header, body = to_frame_parts(msg)
+    return encode_frame_head(header, len(body), limits), body
+
+
 def decode_client_message(frame: Frame) -> Message:
     """Decode a frame sent by a client.
 
@@ -599,9 +644,10 @@ def _decode(frame: Frame, table: dict[str, type[Message]]) -> Message:
     if frame.body and not cls.HAS_BODY:
         raise ProtocolError(f"{frame.op}: takes no body", code=ErrorCode.BAD_REQUEST)
     msg = cls(**kwargs)
-    problem = msg.problem()
-    if problem is not None:
-        raise ProtocolError(f"{frame.op}: {problem}", code=ErrorCode.BAD_REQUEST)
+    if cls in _CHECKED:
+        problem = msg.problem()
+        if problem is not None:
+            raise ProtocolError(f"{frame.op}: {problem}", code=ErrorCode.BAD_REQUEST)
     return msg
 
 
@@ -706,3 +752,14 @@ _FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in _ALL
 }
 _REQUIRED: dict[type[Message], frozenset[str]] = {cls: _required(cls) for cls in _ALL}
+_CHECKED = frozenset(cls for cls in _ALL if cls.problem is not Message.problem)  # has problem()
+_DEFAULT_LIMITS = Limits()
+# Per class: the header's start up to the id's value, and each other header
+# field's name with the JSON that precedes its value (encode_message).
+_TEMPLATES: dict[type[Message], tuple[str, tuple[tuple[str, str], ...]]] = {
+    cls: (
+        f'{{"op":{_quote(cls.OP.value)},"id":',
+        tuple((name, f",{_quote(name)}:") for name in _FIELDS[cls] if name != "body"),
+    )
+    for cls in _ALL
+}

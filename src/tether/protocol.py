@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .exceptions import FrameTooLarge, ProtocolError
-from .frames import Body, Frame, FrameDecoder, encode_frame_head
+from .frames import Body, Frame, FrameDecoder
 from .limits import PROTOCOL_VERSION, Limits
 from .messages import (
     Echo,
@@ -28,13 +28,14 @@ from .messages import (
     ListDir,
     Message,
     Mkdir,
+    Ok,
     Put,
     SetAttr,
     Stat,
     Symlink,
     decode_client_message,
     decode_server_message,
-    to_frame_parts,
+    encode_message,
 )
 
 __all__ = [
@@ -120,6 +121,11 @@ class _Base:
         self._decoder = FrameDecoder(self.limits)
         self._events: list[Event] = []
         self._out: list[Body] = []
+        # Set while a hello waits for its verdict: the input behind it stays
+        # unread until then, so packing many hellos gets one token check.
+        self._waiting = False
+        # The decoder's own method, not a wrapper: called for every read.
+        self.get_buffer = self._decoder.get_buffer  # type: ignore[method-assign]
 
     @property
     def closed(self) -> bool:
@@ -146,8 +152,7 @@ class _Base:
             # Messages may quote the peer (a program name): never let one
             # push a reply over the header limit.
             msg = Error(msg.id, msg.code, msg.message[: MAX_ERROR_MESSAGE - 3] + "...")
-        header, body = to_frame_parts(msg)
-        head = encode_frame_head(header, len(body), self.limits)
+        head, body = encode_message(msg, self.limits)
         if len(body) >= _JOIN_BELOW:
             self._out += (head, body)  # written from where it lies: no copy
         else:
@@ -165,10 +170,6 @@ class _Base:
                 self.send(Error(0, code))
         self.state = State.CLOSED
         self._events.append(ConnectionFailed(code, message))
-
-    @property
-    def _waiting(self) -> bool:
-        return False
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read elsewhere; never raises."""
@@ -199,10 +200,11 @@ class _Base:
     def _handle_frames(self) -> None:
         if self._waiting:
             return
+        next_frame = self._decoder.next_frame
         try:
-            for frame in self._decoder.frames():
+            while (frame := next_frame()) is not None:
                 self._handle(frame)
-                if self.closed or self._waiting:
+                if self.state is State.CLOSED or self._waiting:
                     # Closed: later input is discarded. Waiting: the rest
                     # stays buffered until the hello is decided, so packing
                     # many hellos into one write gets one token check.
@@ -224,11 +226,10 @@ class ServerProtocol(_Base):
     def __init__(self, limits: Limits | None = None) -> None:
         super().__init__(limits)
         self._active: dict[int, None] = {}  # ids of running requests; a set costs 4x the memory
-        self._hello_pending = False
-
-    @property
-    def _waiting(self) -> bool:
-        return self._hello_pending
+        # An echo has no side effects and is the busiest request there is (a
+        # keepalive, a latency probe): when this is set, it is answered here,
+        # with no event for it. The agent sets it while it takes requests.
+        self.answer_echo = False
 
     @property
     def active_requests(self) -> frozenset[int]:
@@ -239,7 +240,7 @@ class ServerProtocol(_Base):
         if self.state is State.AWAIT_HELLO:
             self.send(reply)
             self.state = State.OPEN
-            self._hello_pending = False
+            self._waiting = False
             self._handle_frames()  # requests pipelined behind the hello
 
     def reject_hello(self, code: str, message: str) -> None:
@@ -281,6 +282,8 @@ class ServerProtocol(_Base):
         elif isinstance(msg, _REQUESTS):
             if msg.id in self._active:
                 self._fail(ErrorCode.PROTOCOL_ERROR, f"request id {msg.id} is already in use")
+            elif type(msg) is Echo and self.answer_echo:
+                self.send(Ok(msg.id, body=msg.body))
             else:
                 self._active[msg.id] = None
                 self._events.append(RequestReceived(msg))
@@ -309,7 +312,7 @@ class ServerProtocol(_Base):
                 f"(this agent speaks {PROTOCOL_VERSION})",
             )
         else:
-            self._hello_pending = True
+            self._waiting = True
             self._events.append(HelloReceived(msg))
 
 
@@ -353,7 +356,7 @@ def encode_messages(messages: Iterable[Message], limits: Limits | None = None) -
     """Encode ``messages`` back to back (a convenience for tests and tools)."""
     out = bytearray()
     for msg in messages:
-        header, body = to_frame_parts(msg)
-        out += encode_frame_head(header, len(body), limits)
+        head, body = encode_message(msg, limits)
+        out += head
         out += body
     return bytes(out)

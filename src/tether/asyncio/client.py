@@ -131,6 +131,9 @@ class _ClientConnection(asyncio.BufferedProtocol):
 
     def __init__(self, limits: Limits) -> None:
         self.protocol = ClientProtocol(limits)
+        # Large bodies (a get's data) are read straight into their own buffer.
+        # Bound here, not a method: the loop calls it for every read.
+        self.get_buffer = self.protocol.get_buffer  # type: ignore[method-assign]
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future[HelloReply] = loop.create_future()
@@ -150,10 +153,6 @@ class _ClientConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # Large bodies (a get's data) are read straight into their own buffer.
-        return self.protocol.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.protocol.buffer_updated(nbytes)

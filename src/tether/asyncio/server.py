@@ -29,7 +29,6 @@ from ..exceptions import ConnectionClosed, RemoteError, TransferError, UsageErro
 from ..limits import DEFAULT_PORT, HELLO_TIMEOUT, PROTOCOL_VERSION, Limits
 from ..messages import (
     Cancel,
-    Echo,
     Error,
     ErrorCode,
     Exec,
@@ -37,7 +36,6 @@ from ..messages import (
     Hello,
     HelloReply,
     Message,
-    Ok,
     Put,
 )
 from ..policy import ExecPolicy
@@ -114,6 +112,10 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.server = server
         server.handshaking[self] = time.monotonic()
         self.protocol = ServerProtocol(server.config.limits)
+        self.protocol.answer_echo = not server.stopping
+        # Large bodies (a put's data) are read straight into their own buffer.
+        # Bound here, not a method: the loop calls it for every read.
+        self.get_buffer = self.protocol.get_buffer  # type: ignore[method-assign]
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.identity: str | None = None
@@ -166,10 +168,6 @@ class ServerConnection(asyncio.BufferedProtocol):
         server.unauthenticated.add(self)
         loop = asyncio.get_running_loop()
         self._hello_timer = loop.call_later(server.config.hello_timeout, self._hello_timeout)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # Large bodies (a put's data) are read straight into their own buffer.
-        return self.protocol.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         self._last_input = time.monotonic()
@@ -273,9 +271,10 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _process_events(self) -> None:
         # Handling an event may produce more (accepting a hello releases the
         # requests pipelined behind it): loop until there are none.
-        while events := self.protocol.events_received():
+        protocol = self.protocol
+        while events := protocol.events_received():
             self._handle_events(events)
-        self._flush()
+        flush(protocol, self.transport)
 
     def _handle_events(self, events: list[Event]) -> None:
         for event in events:
@@ -387,10 +386,6 @@ class ServerConnection(asyncio.BufferedProtocol):
                 request.id, Error(request.id, ErrorCode.SHUTTING_DOWN, "agent is stopping")
             )
             return
-        if isinstance(request, Echo):
-            # Answered on the spot: a task per echo would cost more than the echo.
-            self._finish(request.id, Ok(request.id, body=request.body))
-            return
         handler = HANDLERS[type(request)]
         task = asyncio.get_running_loop().create_task(self._run_request(handler, request))
         self.tasks[request.id] = task
@@ -444,8 +439,6 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _audit(self, request: Message, final: Message | None, seconds: float) -> None:
         notes = self._notes.pop(request.id, {})
-        if isinstance(request, Echo):
-            return  # no side effects, and the busiest request there is
         record: dict[str, Any] = {"peer": self.peer, "identity": self.identity}
         record |= {"op": request.OP.value, "id": request.id, **_audit_fields(request), **notes}
         if isinstance(final, Exit):
@@ -558,7 +551,8 @@ def _audit_fields(request: Message) -> dict[str, Any]:
 
 CONTROLLED = (Exec, Put)  # requests that take control frames besides cancel
 
-# Echo is answered without a handler (ServerConnection._start_request).
+# No handler for echo: the protocol answers it (ServerProtocol.answer_echo), and
+# while the agent stops, _start_request refuses it as every other request.
 HANDLERS: dict[type[Message], Handler] = {
     Exec: handle_exec,
     **FILE_HANDLERS,
@@ -730,6 +724,8 @@ class Server:
     async def close(self) -> None:
         """Stop accepting, give running requests ``grace`` seconds, end the rest."""
         self.stopping = True
+        for conn in [*self.connections, *self.handshaking]:
+            conn.protocol.answer_echo = False  # new requests get shutting_down, echo too
         if self._idle_sweep is not None:
             self._idle_sweep.cancel()
         servers = list(self._servers)
