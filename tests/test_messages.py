@@ -8,6 +8,13 @@ from typing import Any
 
 import pytest
 
+from tether.codec import (
+    decode_client_message,
+    decode_server_message,
+    encode_echo_reply,
+    encode_message,
+    to_frame_parts,
+)
 from tether.exceptions import FrameTooLarge, ProtocolError
 from tether.frames import Frame, FrameDecoder, encode_frame, encode_frame_head
 from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN, Limits
@@ -42,10 +49,6 @@ from tether.messages import (
     Stdin,
     Stdout,
     Symlink,
-    decode_client_message,
-    decode_server_message,
-    encode_message,
-    to_frame_parts,
 )
 
 Decode = Callable[[Frame], Message]
@@ -154,7 +157,7 @@ def test_server_message_round_trip(msg: Message) -> None:
     [
         *CLIENT_SAMPLES,
         *SERVER_SAMPLES,
-        Stat(3, "caf\u00e9/\udcff \"quoted\"\n"),  # escapes, a PEP 383 surrogate
+        Stat(3, 'caf\u00e9/\udcff "quoted"\n'),  # escapes, a PEP 383 surrogate
         Exit(4, status=-(2**70)),  # integers of any size
         Stdout(5, bytearray(b"in place")),  # a body received in place
     ],
@@ -165,6 +168,20 @@ def test_encode_message_writes_what_the_general_encoder_writes(msg: Message) -> 
     # anything else goes the general way. Either way, the same bytes.
     header, body = to_frame_parts(msg)
     assert encode_message(msg) == (encode_frame_head(header, len(body)), body)
+
+
+@pytest.mark.parametrize("ident", [1, 7, 2**53])
+@pytest.mark.parametrize("body", [b"", b"x", bytearray(b"\x00" * 1000)])
+def test_encode_echo_reply_is_the_frame_of_ok(ident: int, body: bytes) -> None:
+    limits = Limits()
+    assert encode_echo_reply(ident, body, limits) == b"".join(encode_message(Ok(ident, body)))
+
+
+def test_encode_echo_reply_checks_the_limits() -> None:
+    with pytest.raises(FrameTooLarge):
+        encode_echo_reply(1, b"x" * 9, Limits(max_body=8))
+    with pytest.raises(FrameTooLarge):
+        encode_echo_reply(1, b"", Limits(max_header=10))
 
 
 def test_encode_message_checks_the_limits() -> None:

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tether.codec import decode_server_message, to_frame_parts
 from tether.frames import Frame, FrameDecoder, encode_frame
 from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN, PROTOCOL_VERSION, Limits
 from tether.messages import (
@@ -32,8 +33,6 @@ from tether.messages import (
     Stderr,
     Stdin,
     Stdout,
-    decode_server_message,
-    to_frame_parts,
 )
 from tether.protocol import (
     ClientProtocol,
@@ -215,6 +214,21 @@ def test_answer_echo_still_refuses_an_id_in_use() -> None:
     feed(server, wire(Exec(3, argv=["sleep", "1"])))
     events = feed(server, wire(Echo(3, b"x")))
     assert_failed(server, events, "protocol_error", "request id 3 is already in use")
+
+
+def test_answer_echo_still_refuses_id_zero() -> None:
+    server = open_server()
+    server.answer_echo = True
+    events = feed(server, wire(Echo(0, b"x")))
+    assert_failed(server, events, "protocol_error", "echo needs a request id > 0")
+
+
+def test_answer_echo_ignores_unknown_fields_as_any_request_does() -> None:
+    server = open_server()
+    server.answer_echo = True
+    # Unknown fields are ignored (forward compatibility), as for any request.
+    assert feed(server, raw({"op": "echo", "id": 4, "future": [1]}, b"hi")) == []
+    assert sent_messages(server) == [Ok(4, b"hi")]
 
 
 def test_answer_echo_does_not_answer_before_hello() -> None:

@@ -1,24 +1,18 @@
 """Typed messages: one dataclass per op and direction (docs/protocol.md §3-4).
 
-A message turns into a frame header plus body with :func:`to_frame_parts` and
-back with :func:`decode_client_message` / :func:`decode_server_message`. Field
-types are checked from the dataclass annotations, so a class is all it takes
-to add an op; unknown header fields are ignored (forward compatibility).
+Each class names its op and its fields; :mod:`.codec` turns messages into
+frames and back, checking field types from these annotations, so a class
+here is all it takes to add an op. Checks beyond a field's type (a path, a
+mode, a digest) are the class's own ``problem()``.
 """
 
 from __future__ import annotations
 
-import math
-import types
-import typing
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from enum import StrEnum
-from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, ClassVar
 
-from .exceptions import FrameTooLarge, ProtocolError
-from .frames import Body, Frame, encode_frame_head, frame_head
-from .limits import Limits
+from .frames import Body
 
 __all__ = [
     "CLIENT_MESSAGES",
@@ -54,11 +48,7 @@ __all__ = [
     "Stdin",
     "Stdout",
     "Symlink",
-    "decode_client_message",
-    "decode_server_message",
-    "encode_message",
     "is_os_string",
-    "to_frame_parts",
 ]
 
 
@@ -205,11 +195,11 @@ class Exec(Message):
         strings = [*(self.argv or ()), self.shell or "", self.cwd or ""]
         for key, value in (self.env or {}).items():
             if not key or "=" in key:
-                return f"bad environment variable name {_shorten(key)!r}"
+                return f"bad environment variable name {shorten(key)!r}"
             strings += (key, value)
         for text in strings:
             if not is_os_string(text):
-                return f"{_shorten(text)!r} cannot be passed to a program"
+                return f"{shorten(text)!r} cannot be passed to a program"
         return None
 
 
@@ -232,7 +222,7 @@ class Signal(Message):
 
     def problem(self) -> str | None:
         if self.signal not in SIGNAL_NAMES:
-            return f"unknown signal {_shorten(self.signal)!r}"
+            return f"unknown signal {shorten(self.signal)!r}"
         return None
 
 
@@ -391,7 +381,7 @@ class Put(Message):
         if self.size < 0:
             return "size must be >= 0"
         if self.hash != HASH_NAME:
-            return f"hash {_shorten(self.hash)!r} is not supported (only {HASH_NAME})"
+            return f"hash {shorten(self.hash)!r} is not supported (only {HASH_NAME})"
         return _first(
             _path_problem(self.path), _mode_problem(self.mode), _mtime_problem(self.mtime_ns)
         )
@@ -490,7 +480,7 @@ class StatReply(Message):
     target: str | None = None
 
     def problem(self) -> str | None:
-        return None if self.type in FILE_TYPES else f"unknown file type {_shorten(self.type)!r}"
+        return None if self.type in FILE_TYPES else f"unknown file type {shorten(self.type)!r}"
 
 
 @dataclass(slots=True, eq=False, repr=False)
@@ -542,113 +532,10 @@ SERVER_MESSAGES: dict[str, type[Message]] = {
 }  # fmt: skip
 
 
-# Encoding and decoding ------------------------------------------------------
-
-
-def to_frame_parts(msg: Message) -> tuple[dict[str, Any], Body]:
-    """The header object and body of ``msg``; ``None`` fields are left out."""
-    header: dict[str, Any] = {"op": msg.OP.value, "id": msg.id}
-    body: Body = b""
-    for name in _FIELDS[type(msg)]:
-        value = getattr(msg, name)
-        if name == "body":
-            body = value
-        elif value is not None:
-            header[name] = value
-    return header, body
-
-
-def encode_message(msg: Message, limits: Limits | None = None) -> tuple[bytes, Body]:
-    """The frame of ``msg`` as its head (length prefix and header) and its body.
-
-    The same bytes as :func:`encode_frame_head` of :func:`to_frame_parts`,
-    written faster: every frame sent goes through here, and most headers
-    hold only integers and strings, which go straight into a template made
-    once per message class. Anything else takes the general way.
-
-    Raises:
-        FrameTooLarge: the header or body would exceed ``limits``.
-    """
-    prefix, keys = _TEMPLATES[type(msg)]
-    ident = msg.id
-    if type(ident) is not int:
-        return _encode_generic(msg, limits)
-    parts = [prefix, str(ident)]
-    for name, key in keys:
-        value = getattr(msg, name)
-        if value is None:
-            continue
-        kind = type(value)
-        if kind is int:
-            parts += (key, str(value))
-        elif kind is str:
-            parts += (key, _quote(value))
-        else:
-            return _encode_generic(msg, limits)
-    body: Body = msg.body if msg.HAS_BODY else b""  # type: ignore[attr-defined]
-    limits = limits or _DEFAULT_LIMITS
-    if body:
-        if len(body) > limits.max_body:
-            raise FrameTooLarge("body", len(body), limits.max_body)
-        parts += (',"body_len":', str(len(body)))
-    parts.append("}")
-    return frame_head("".join(parts).encode("ascii"), limits), body
-
-
-def _encode_generic(msg: Message, limits: Limits | None) -> tuple[bytes, Body]:
-    header, body = to_frame_parts(msg)
-    return encode_frame_head(header, len(body), limits), body
-
-
-def decode_client_message(frame: Frame) -> Message:
-    """Decode a frame sent by a client.
-
-    Raises:
-        ProtocolError: code ``unknown_op`` for an op not in the table, or
-            ``bad_request`` for a missing or mistyped field.
-    """
-    return _decode(frame, CLIENT_MESSAGES)
-
-
-def decode_server_message(frame: Frame) -> Message:
-    """Decode a frame sent by an agent (see :func:`decode_client_message`)."""
-    return _decode(frame, SERVER_MESSAGES)
-
-
-def _decode(frame: Frame, table: dict[str, type[Message]]) -> Message:
-    # Only exact names in the table dispatch: no case folding, no stripping,
-    # no attribute lookup by name (docs/protocol.md §3).
-    cls = table.get(frame.op)
-    if cls is None:
-        # The peer's text is cut short: it goes back out in our error frame.
-        raise ProtocolError(f"unknown op {_shorten(frame.op)!r}", code=ErrorCode.UNKNOWN_OP)
-    header = frame.header
-    kwargs: dict[str, Any] = {"id": frame.id}
-    for name, check in _FIELDS[cls].items():
-        if name == "body":
-            kwargs["body"] = frame.body
-            continue
-        value = header.get(name)
-        if value is None:
-            if name in _REQUIRED[cls]:
-                raise ProtocolError(
-                    f"{frame.op}: missing field {name!r}", code=ErrorCode.BAD_REQUEST
-                )
-            continue
-        try:
-            kwargs[name] = check(value)
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(
-                f"{frame.op}: field {name!r} {exc}", code=ErrorCode.BAD_REQUEST
-            ) from None
-    if frame.body and not cls.HAS_BODY:
-        raise ProtocolError(f"{frame.op}: takes no body", code=ErrorCode.BAD_REQUEST)
-    msg = cls(**kwargs)
-    if cls in _CHECKED:
-        problem = msg.problem()
-        if problem is not None:
-            raise ProtocolError(f"{frame.op}: {problem}", code=ErrorCode.BAD_REQUEST)
-    return msg
+_ALL = (*CLIENT_MESSAGES.values(), *SERVER_MESSAGES.values())
+_FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in _ALL
+}
 
 
 def is_os_string(text: str) -> bool:
@@ -665,101 +552,7 @@ def is_os_string(text: str) -> bool:
     return True
 
 
-def _shorten(text: str, limit: int = 64) -> str:
-    # The peer's text goes back out in our error frames: keep it short.
+def shorten(text: str, limit: int = 64) -> str:
+    """``text`` cut to ``limit`` characters: the peer's text goes back out in our
+    error frames."""
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-_Checker = typing.Callable[[Any], Any]
-
-
-def _check_int(v: Any) -> int:
-    if type(v) is not int:
-        raise TypeError("must be an integer")
-    return v
-
-
-def _check_float(v: Any) -> float:
-    try:
-        if type(v) not in (int, float) or not math.isfinite(v):
-            raise TypeError("must be a finite number")
-        return float(v)
-    except OverflowError:  # an integer too large for a float (10**400)
-        raise TypeError("must be a finite number") from None
-
-
-def _check_str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError("must be a string")
-    return v
-
-
-def _check_bool(v: Any) -> bool:
-    if type(v) is not bool:
-        raise TypeError("must be true or false")
-    return v
-
-
-def _check_str_list(v: Any) -> list[str]:
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise TypeError("must be a list of strings")
-    return v
-
-
-def _check_str_dict(v: Any) -> dict[str, str]:
-    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
-        raise TypeError("must be an object of strings")
-    return v
-
-
-_CHECKERS: dict[Any, _Checker] = {
-    int: _check_int,
-    float: _check_float,
-    str: _check_str,
-    bool: _check_bool,
-    bytes: lambda v: v,
-    list[str]: _check_str_list,
-    dict[str, str]: _check_str_dict,
-}
-
-
-def _checker_for(annotation: Any) -> _Checker:
-    if annotation == Body:
-        return _CHECKERS[bytes]  # the body is never in the header
-    if isinstance(annotation, types.UnionType):
-        # "X | None": None is handled by the caller as "absent".
-        (inner,) = (a for a in typing.get_args(annotation) if a is not type(None))
-        return _CHECKERS[inner]
-    return _CHECKERS[annotation]
-
-
-def _schema(cls: type[Message]) -> dict[str, _Checker]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: _checker_for(hints[f.name]) for f in fields(cls) if f.name != "id"}
-
-
-def _required(cls: type[Message]) -> frozenset[str]:
-    return frozenset(
-        f.name
-        for f in fields(cls)
-        if f.name != "id" and f.default is MISSING and f.default_factory is MISSING
-    )
-
-
-_ALL = (*CLIENT_MESSAGES.values(), *SERVER_MESSAGES.values())
-_FIELDS: dict[type[Message], dict[str, _Checker]] = {cls: _schema(cls) for cls in _ALL}
-_FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {
-    cls: tuple(f.name for f in fields(cls)) for cls in _ALL
-}
-_REQUIRED: dict[type[Message], frozenset[str]] = {cls: _required(cls) for cls in _ALL}
-_CHECKED = frozenset(cls for cls in _ALL if cls.problem is not Message.problem)  # has problem()
-_DEFAULT_LIMITS = Limits()
-# Per class: the header's start up to the id's value, and each other header
-# field's name with the JSON that precedes its value (encode_message).
-_TEMPLATES: dict[type[Message], tuple[str, tuple[tuple[str, str], ...]]] = {
-    cls: (
-        f'{{"op":{_quote(cls.OP.value)},"id":',
-        tuple((name, f",{_quote(name)}:") for name in _FIELDS[cls] if name != "body"),
-    )
-    for cls in _ALL
-}
