@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import struct
@@ -603,6 +604,72 @@ def test_decoders_with_nothing_partial_hold_no_buffer() -> None:
     finally:
         tracemalloc.stop()
     assert held < 200 * FrameDecoder.SCRATCH_SIZE // 10, held
+
+
+def read_once(decoder: FrameDecoder, data: memoryview, most: int) -> memoryview:
+    """One read as a BufferedProtocol transport makes it; what is left of ``data``."""
+    buf = decoder.get_buffer(-1)
+    n = min(len(buf), len(data), most)
+    buf[:n] = data[:n]
+    buf.release()
+    decoder.buffer_updated(n)
+    return data[n:]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(headers, st.sampled_from([0, 1, 100, 5000, BIG])), min_size=1, max_size=4),
+    st.lists(st.integers(min_value=1, max_value=3 * BIG), min_size=1, max_size=8),
+    st.integers(min_value=2, max_value=4),
+)
+def test_decoders_sharing_the_scratch_keep_their_own_partial_frames(
+    frames: list[tuple[dict[str, Any], int]], reads: list[int], count: int
+) -> None:
+    # Connections take turns reading into the thread's one scratch buffer,
+    # each stopping anywhere in a frame: every decoder still gets its frames.
+    streams = []
+    for k in range(count):
+        sent = [(header, bytes([k + 1]) * size) for header, size in frames]
+        streams.append((sent, b"".join(encode_frame(h, b) for h, b in sent)))
+    decoders = [FrameDecoder() for _ in range(count)]
+    left = [memoryview(data) for _, data in streams]
+    turn = 0
+    while any(left):
+        for k, decoder in enumerate(decoders):
+            if left[k]:
+                left[k] = read_once(decoder, left[k], reads[turn % len(reads)])
+                turn += 1
+    for (sent, _), decoder in zip(streams, decoders, strict=True):
+        got = [(f.header.get("op"), bytes(f.body)) for f in decoder.frames()]
+        assert got == [(h["op"], b) for h, b in sent]
+        assert decoder.buffered == 0
+
+
+def test_a_read_that_never_came_leaves_nothing_behind() -> None:
+    # A transport asked for a buffer, then its read failed (EAGAIN): no
+    # buffer_updated. Another connection reads into the same scratch meanwhile.
+    first, second = FrameDecoder(), FrameDecoder()
+    frame, other = (encode_frame({"op": "first", "id": 1}, b"first"),
+                    encode_frame({"op": "echo", "id": 22222}, b"second"))  # fmt: skip
+    first.get_buffer(-1).release()
+    feed_in_place(second, other[:9], most=9)  # part of a frame stays with second
+    feed_in_place(first, frame, most=len(frame))
+    feed_in_place(second, other[9:], most=len(other))
+    assert [bytes(f.body) for f in first.frames()] == [b"first"]
+    assert [bytes(f.body) for f in second.frames()] == [b"second"]
+    assert first.buffered == 0 and second.buffered == 0
+
+
+def test_each_thread_has_its_own_scratch() -> None:
+    def scratch_of_a_new_decoder() -> object:
+        with FrameDecoder().get_buffer(-1) as view:
+            return view.obj
+
+    here = scratch_of_a_new_decoder()
+    assert scratch_of_a_new_decoder() is here  # shared within the thread
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        there = pool.submit(scratch_of_a_new_decoder).result()
+    assert there is not here
 
 
 def test_a_reused_body_buffer_takes_the_next_body_of_that_size() -> None:

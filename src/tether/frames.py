@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,6 +170,16 @@ def parse_header(raw: bytes | bytearray | memoryview, limits: Limits) -> dict[st
 
 
 _DEFAULT_LIMITS = Limits()
+_per_thread = threading.local()
+
+
+def _shared_scratch() -> bytearray:
+    """This thread's scratch buffer, which decoders lend each other (get_buffer)."""
+    try:
+        buffer: bytearray = _per_thread.scratch
+    except AttributeError:
+        buffer = _per_thread.scratch = bytearray(FrameDecoder.SCRATCH_SIZE)
+    return buffer
 
 
 class FrameDecoder:
@@ -179,8 +190,10 @@ class FrameDecoder:
     I/O layer read straight into the decoder (asyncio's ``BufferedProtocol``).
     A body of at least ``DIRECT_BODY`` bytes gets its own buffer, handed out
     by :meth:`get_buffer`, so its bytes are copied once, by the kernel; smaller
-    frames are read into a scratch buffer that is dropped whenever it holds
-    nothing, so an idle connection costs no buffer at all.
+    frames are read into a scratch buffer that every decoder of the thread
+    shares: whatever part of a frame is left in it after :meth:`buffer_updated`
+    is moved to a buffer of the decoder's own. So an idle connection holds no
+    buffer, and a busy one makes none per read.
 
     Complete frames are taken with :meth:`frames`. Once a violation is found
     the decoder is broken: the frames before it are still returned, then
@@ -194,6 +207,7 @@ class FrameDecoder:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or _DEFAULT_LIMITS
         self._scratch: bytearray | None = None
+        self._borrowed = False  # _scratch is the thread's shared one (see get_buffer)
         self._start = 0  # scratch[_start:_end] is received and not yet part of a frame
         self._end = 0
         self._header: dict[str, Any] | None = None  # parsed, its body not complete
@@ -234,7 +248,10 @@ class FrameDecoder:
         if self._body is not None:
             return memoryview(self._body)[self._body_filled :]
         if self._scratch is None:
-            self._scratch = bytearray(self.SCRATCH_SIZE)
+            # Nothing partial is held: read into the thread's shared buffer,
+            # given back (or left behind) by buffer_updated. A loop reads one
+            # connection at a time: get_buffer, the read, buffer_updated.
+            self._scratch, self._borrowed = _shared_scratch(), True
         elif self._end == len(self._scratch):
             self._make_room()
         return memoryview(self._scratch)[self._end :]
@@ -257,7 +274,15 @@ class FrameDecoder:
             self._drop_input()
         if self._start == self._end:
             self._scratch = None  # nothing partial: hold no buffer while idle
+            self._borrowed = False
             self._start = self._end = 0
+        elif self._borrowed:
+            # Part of a frame: into a buffer of our own before another
+            # connection reads into the shared one.
+            left = self._end - self._start
+            own = bytearray(max(self.SCRATCH_SIZE, left))
+            own[:left] = self._scratch[self._start : self._end]  # type: ignore[index]
+            self._scratch, self._borrowed, self._start, self._end = own, False, 0, left
 
     def frames(self) -> Iterator[Frame]:
         """Yield every complete frame received so far.
@@ -363,6 +388,7 @@ class FrameDecoder:
             bigger = bytearray(needed)
             bigger[: self._end - self._start] = self._scratch[self._start : self._end]
             self._scratch, self._end, self._start = bigger, self._end - self._start, 0
+            self._borrowed = False
 
     def _make_room(self) -> None:
         """Move a partial frame to the front of a full scratch buffer."""
@@ -372,5 +398,5 @@ class FrameDecoder:
         self._start, self._end = 0, left
 
     def _drop_input(self) -> None:
-        self._scratch, self._start, self._end = None, 0, 0
+        self._scratch, self._borrowed, self._start, self._end = None, False, 0, 0
         self._header, self._body, self._body_filled = None, None, 0
