@@ -53,6 +53,7 @@ from typing import cast
 # Run as ``python bench/bench_transfer.py``: ``bench/`` is on sys.path, so this imports
 # bench/common.py.
 import common
+import machine
 from common import MiB, Way
 
 CHUNK = MiB  # bytes per write of the raw pipe (tether's chunk size too)
@@ -375,11 +376,13 @@ def main() -> None:
     socat = None if args.no_socat else shutil.which("socat")
 
     with (
+        machine.paused_page_reporting() as setup_note,
         tempfile.TemporaryDirectory(prefix="tether-bench-", dir=args.dir) as name,
         contextlib.ExitStack() as stack,
     ):
         tmp = Path(name)
         print(f"{common.describe_machine()}, files on {tmp} ({file_system(tmp)})", flush=True)
+        print(setup_note, flush=True)
         if socat is None:
             print("socat is not installed: its row is left out", file=sys.stderr)
         root = tmp / "root"

@@ -40,6 +40,7 @@ from pathlib import Path
 from types import FrameType
 
 import bench_idle
+import machine as machine_setup
 import run_echo
 import run_exec
 import run_transfer
@@ -168,7 +169,7 @@ def run_sections(names: list[str], settings: Settings, tmp: Path) -> list[Sectio
     return done
 
 
-def print_report(machine: str, settings: Settings, sections: list[Section]) -> None:
+def print_report(machine: str, setup: str, settings: Settings, sections: list[Section]) -> None:
     print(machine)
     print()
     print_rows([row for section in sections for row in section.rows])
@@ -181,20 +182,25 @@ def print_report(machine: str, settings: Settings, sections: list[Section]) -> N
     for section in sections:
         for note in section.notes:
             print(f"- {note}")
+    print(f"- {setup}")
 
 
 def main() -> None:
     settings, names, directory = parse_settings()
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
-        with tempfile.TemporaryDirectory(prefix="tether-bench-", dir=directory) as name:
+        with (
+            machine_setup.paused_page_reporting() as setup_note,
+            tempfile.TemporaryDirectory(prefix="tether-bench-", dir=directory) as name,
+        ):
             machine = machine_line(Path(name))
             print(machine, file=sys.stderr, flush=True)
+            print(setup_note, file=sys.stderr, flush=True)
             sections = run_sections(names, settings, Path(name))
     except KeyboardInterrupt:
         print("interrupted: every process started was stopped", file=sys.stderr)
         sys.exit(130)
-    print_report(machine, settings, sections)
+    print_report(machine, setup_note, settings, sections)
     sys.exit(1 if any(section.failed for section in sections) else 0)
 
 

@@ -669,6 +669,21 @@ async def test_api_env_is_visible_to_the_command(agent: Agent) -> None:
     assert result.stdout == "你好\n".encode()
 
 
+async def test_commands_get_the_agents_environment_with_the_requested_variables_over_it(
+    agent: Agent,
+) -> None:
+    # The agent started with this process's environment (tests/conftest.py).
+    home = os.environ["HOME"]
+    script = 'printf "%s|%s" "$HOME" "${GREETING-unset}"'
+    async with connect(agent) as conn:
+        plain = await conn.run(["sh", "-c", script])
+        added = await conn.run(["sh", "-c", script], env={"GREETING": "hi"})
+        replaced = await conn.run(["sh", "-c", script], env={"HOME": "/elsewhere"})
+    assert plain.stdout == f"{home}|unset".encode()
+    assert added.stdout == f"{home}|hi".encode()
+    assert replaced.stdout == b"/elsewhere|unset"
+
+
 def test_cli_shell_runs_a_command_line(agent: Agent, tether_cli: type[Cli]) -> None:
     r = texec(tether_cli, agent, "--shell", "echo a | tr a b")
     assert r.returncode == 0, r.stderr

@@ -208,19 +208,24 @@ def test_answer_echo_replies_at_once_without_an_event(body: bytes) -> None:
     assert sent_messages(server) == [Ok(7, b"again")]
 
 
-def test_answer_echo_still_refuses_an_id_in_use() -> None:
-    server = open_server()
+@pytest.mark.parametrize(
+    ("opened", "before", "echo", "code", "message"),
+    [
+        (True, [Exec(3, argv=["sleep", "1"])], Echo(3, b"x"), "protocol_error",
+         "request id 3 is already in use"),
+        (True, [], Echo(0, b"x"), "protocol_error", "echo needs a request id > 0"),
+        (False, [], Echo(1, b"x"), "unauthenticated", "the first frame must be hello"),
+    ],
+)  # fmt: skip
+def test_answer_echo_still_refuses_what_any_request_is_refused_for(
+    opened: bool, before: list[Message], echo: Echo, code: str, message: str
+) -> None:
+    server = open_server() if opened else ServerProtocol()
     server.answer_echo = True
-    feed(server, wire(Exec(3, argv=["sleep", "1"])))
-    events = feed(server, wire(Echo(3, b"x")))
-    assert_failed(server, events, "protocol_error", "request id 3 is already in use")
-
-
-def test_answer_echo_still_refuses_id_zero() -> None:
-    server = open_server()
-    server.answer_echo = True
-    events = feed(server, wire(Echo(0, b"x")))
-    assert_failed(server, events, "protocol_error", "echo needs a request id > 0")
+    for msg in before:
+        feed(server, wire(msg))
+    events = feed(server, wire(echo))
+    assert_failed(server, events, code, message)
 
 
 def test_answer_echo_ignores_unknown_fields_as_any_request_does() -> None:
@@ -229,13 +234,6 @@ def test_answer_echo_ignores_unknown_fields_as_any_request_does() -> None:
     # Unknown fields are ignored (forward compatibility), as for any request.
     assert feed(server, raw({"op": "echo", "id": 4, "future": [1]}, b"hi")) == []
     assert sent_messages(server) == [Ok(4, b"hi")]
-
-
-def test_answer_echo_does_not_answer_before_hello() -> None:
-    server = ServerProtocol()
-    server.answer_echo = True
-    events = feed(server, wire(Echo(1, b"x")))
-    assert_failed(server, events, "unauthenticated", "the first frame must be hello")
 
 
 def test_client_request_ids_start_at_one_and_are_fresh() -> None:

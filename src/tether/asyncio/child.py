@@ -127,11 +127,12 @@ async def spawn(
     *,
     stdin: bool,
     cwd: str,
-    env: dict[str, str],
+    env: dict[str, str] | None,
 ) -> Child:
     """Start ``argv`` in a new session (its own process group) with piped output.
 
-    Its stdin is a pipe when ``stdin``, else ``/dev/null``.
+    Its stdin is a pipe when ``stdin``, else ``/dev/null``; its environment is
+    ``env``, or this process's own when None.
 
     Raises:
         OSError: the program could not be started (FileNotFoundError,

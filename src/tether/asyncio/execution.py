@@ -72,7 +72,9 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
 class ExecRunner:
     """One child process group and the frames that describe it."""
 
-    def __init__(self, request: Exec, sink: OutputSink, *, cwd: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, request: Exec, sink: OutputSink, *, cwd: str, env: dict[str, str] | None
+    ) -> None:
         self.request = request
         self.sink = sink
         self.cwd = cwd
