@@ -535,7 +535,7 @@ def test_default_known_hosts_under_xdg_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
-    assert default_known_hosts() == tmp_path / "cfg" / "tether" / "known_hosts"
+    assert default_known_hosts() == str(tmp_path / "cfg" / "tether" / "known_hosts")
     monkeypatch.delenv("XDG_CONFIG_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_known_hosts() == tmp_path / "home" / ".config" / "tether" / "known_hosts"
+    assert default_known_hosts() == str(tmp_path / "home" / ".config" / "tether" / "known_hosts")

@@ -13,7 +13,6 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import replace as dataclasses_replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -21,6 +20,7 @@ import click
 if TYPE_CHECKING:
     import asyncio
     import ssl
+    from pathlib import Path  # imported by the commands that make paths, not by exec
 
     import tether
 
@@ -279,6 +279,7 @@ def serve(
 ) -> None:
     """Run the agent."""
     import logging
+    from pathlib import Path
 
     import tether
     from tether.tokens import read_token_file
@@ -351,6 +352,8 @@ def token_new(name: str, state_dir: str | None, tokens_file: str | None) -> None
 
     A running agent picks it up at the next connection.
     """
+    from pathlib import Path
+
     import tether
     from tether.tokens import add_token
 
@@ -373,6 +376,8 @@ def token_new(name: str, state_dir: str | None, tokens_file: str | None) -> None
 
 
 def _agent_tls(state_dir: Path, cert: str | None, key: str | None) -> ssl.SSLContext:
+    from pathlib import Path
+
     from tether.asyncio import tls
 
     if (cert is None) != (key is None):

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 __all__ = [
     "KnownHost",
@@ -23,10 +22,14 @@ __all__ = [
 ]
 
 
-def default_known_hosts() -> Path:
+# Paths here are strings, not pathlib: every fresh `tether exec` reads this file,
+# and pathlib (with urllib.parse and ipaddress) costs it 3-5 ms of imports.
+
+
+def default_known_hosts() -> str:
     """``$XDG_CONFIG_HOME/tether/known_hosts``, by default ``~/.config/tether/known_hosts``."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "tether" / "known_hosts"
+    return os.path.join(base, "tether", "known_hosts")
 
 
 def fingerprint(der: bytes) -> str:
@@ -63,10 +66,11 @@ class KnownHost:
     line: int  # 1-based, for the message that tells which line to remove
 
 
-def lookup_known_host(path: Path, host: str) -> KnownHost | None:
+def lookup_known_host(path: str | os.PathLike[str], host: str) -> KnownHost | None:
     """The pinned fingerprint of ``host`` in ``path``, if there is one."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
     except FileNotFoundError:
         return None
     for number, line in enumerate(text.splitlines(), 1):
@@ -76,9 +80,9 @@ def lookup_known_host(path: Path, host: str) -> KnownHost | None:
     return None
 
 
-def add_known_host(path: Path, host: str, print_: str) -> None:
+def add_known_host(path: str | os.PathLike[str], host: str, print_: str) -> None:
     """Pin ``host`` to fingerprint ``print_`` (appending a line; the file is 0600)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(f"{host} {print_}\n")

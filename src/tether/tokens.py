@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .exceptions import UsageError
+
+if TYPE_CHECKING:
+    from pathlib import Path  # imported where a Path is made: not by every `tether exec`
 
 __all__ = [
     "TOKEN_ENV",
@@ -29,6 +32,8 @@ def new_token() -> str:
 
 def default_state_dir() -> Path:
     """``$XDG_STATE_HOME/tether``, by default ``~/.local/state/tether``."""
+    from pathlib import Path
+
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
     )
@@ -42,7 +47,8 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
         UsageError: the file cannot be read or holds no token.
     """
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read token file {os.fspath(path)}: {exc}") from None
     if not token:
@@ -160,7 +166,7 @@ def add_token(path: str | os.PathLike[str], name: str) -> str:
     check_token_name(name)
     if os.path.exists(path) and name in load_tokens(path).values():
         raise UsageError(f"a token named {name!r} already exists in {os.fspath(path)}")
-    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     token = new_token()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a", encoding="utf-8") as f:

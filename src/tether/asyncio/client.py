@@ -9,7 +9,6 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -801,7 +800,7 @@ def _check_pin(address: Address, seen: str, pinned: str | None, trust: _Trust) -
                 f"not {pinned} as --fingerprint requires: refusing to send the token"
             )
         return False
-    path = Path(trust.known_hosts) if trust.known_hosts is not None else default_known_hosts()
+    path = os.fspath(trust.known_hosts) if trust.known_hosts is not None else default_known_hosts()
     known = lookup_known_host(path, str(address))
     if known is not None:
         if known.fingerprint != seen:

@@ -8,14 +8,15 @@ known-hosts file, or by a CA (``--cacert``). TLS 1.3 only.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import socket
 import ssl
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..known_hosts import fingerprint
+
+if TYPE_CHECKING:
+    from pathlib import Path  # the agent's: a client never imports it for TLS
 
 __all__ = ["client_context", "ensure_certificate", "fingerprint_of_file", "server_context"]
 
@@ -35,6 +36,9 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path, bool]:
         return cert_path, key_path, False
     # cryptography is imported only to make a certificate: clients never need
     # it, and it stays in an agent's memory (8 MiB) once loaded.
+    import datetime
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
