@@ -30,7 +30,7 @@ import pytest
 import tether
 from conftest import Agent, Cli, check_clean_log, start_agent
 from tether import ConnectError, ConnectionClosed, ExitStatus, Output, RemoteError
-from tether.asyncio.client import _Connect
+from tether.asyncio.connecting import Connecting
 
 # Prints the shell's pid, starts a grandchild, prints its pid, waits for it.
 PIDS_SH = "echo $$; sleep 300 & echo $!; wait"
@@ -200,7 +200,7 @@ def kill_leftovers(pids: Sequence[int]) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def connect(agent: Agent) -> _Connect:
+def connect(agent: Agent) -> Connecting:
     return tether.connect(agent.host, token=agent.token)
 
 

@@ -16,14 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .addresses import Address, RemotePath, parse_address, parse_remote_path
-    from .asyncio.client import (
-        CommandResult,
-        Connection,
-        ExitStatus,
-        Output,
-        RemoteProcess,
-        connect,
-    )
+    from .asyncio.client import CommandResult, Connection, ExitStatus, Output, RemoteProcess
+    from .asyncio.connecting import connect
     from .asyncio.loop import run
     from .asyncio.server import Server, ServerConfig
     from .asyncio.transfer import Progress, RemoteStat, TransferResult
@@ -57,7 +51,7 @@ _EXPORTS = {
     "ExitStatus": "asyncio.client",
     "Output": "asyncio.client",
     "RemoteProcess": "asyncio.client",
-    "connect": "asyncio.client",
+    "connect": "asyncio.connecting",
     "run": "asyncio.loop",
     "Server": "asyncio.server",
     "ServerConfig": "asyncio.server",

@@ -1,0 +1,170 @@
+"""The client's end of one connection: the socket, the protocol, the waiting requests.
+
+:class:`Channel` is the asyncio protocol under a :class:`~.client.Connection`:
+it feeds received bytes to a sans-I/O :class:`ClientProtocol`, hands each
+reply to the future or queue of its request, writes what the protocol queues,
+and stops reading while too much output waits unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import cast
+
+from ..exceptions import (
+    AuthenticationError,
+    ConnectionClosed,
+    ProtocolError,
+    RemoteError,
+    TetherError,
+)
+from ..limits import Limits
+from ..messages import ErrorCode, HelloReply, Message
+from ..protocol import ClientProtocol, ConnectionFailed, ReplyReceived
+from . import wire
+
+__all__ = ["Channel", "Closed"]
+
+READ_HIGH_WATER = 8 * 1024 * 1024  # 8 MiB of unread output: stop reading the socket
+READ_LOW_WATER = 2 * 1024 * 1024  # 2 MiB: start again
+_AUTH_CODES = frozenset({ErrorCode.AUTH_FAILED, ErrorCode.UNAUTHENTICATED, ErrorCode.HELLO_TIMEOUT})
+
+
+class Closed:
+    """Queue marker: the connection ended with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class Channel(asyncio.BufferedProtocol):
+    """Moves bytes between a socket and a :class:`ClientProtocol`; routes each
+    reply to the request waiting for it (a future or a queue)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.protocol = ClientProtocol(limits)
+        # Large bodies (a get's data) are read straight into their own buffer.
+        # Bound here, not a method: the loop calls it for every read.
+        self.get_buffer = self.protocol.get_buffer  # type: ignore[method-assign]
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self.hello: asyncio.Future[HelloReply] = loop.create_future()
+        self.queues: dict[int, asyncio.Queue[Message | Closed]] = {}
+        # Requests answered by exactly one frame (echo, stat...): a future is
+        # a good deal cheaper than a queue on the busiest path there is.
+        self.replies: dict[int, asyncio.Future[Message]] = {}
+        self.error: Exception | None = None
+        self._unread = 0
+        self._reading_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's: cast, do not assert.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.protocol.buffer_updated(nbytes)
+        for event in self.protocol.events_received():
+            if isinstance(event, ReplyReceived):
+                self._route(event.message)
+            elif isinstance(event, ConnectionFailed):
+                self._fail(_connection_error(event))
+        self.flush()
+
+    def _route(self, msg: Message) -> None:
+        if isinstance(msg, HelloReply):
+            if not self.hello.done():
+                self.hello.set_result(msg)
+            return
+        waiter = self.replies.pop(msg.id, None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(msg)
+            return
+        queue = self.queues.get(msg.id)
+        if queue is None:
+            return  # a late frame for a request we gave up on
+        queue.put_nowait(msg)
+        body = getattr(msg, "body", b"")
+        if body:
+            self._unread += len(body)
+            paused = self._reading_paused
+            if self._unread > READ_HIGH_WATER and not paused and (transport := self._live()):
+                self._reading_paused = True
+                transport.pause_reading()
+
+    def forget(self, request_id: int) -> None:
+        """Stop routing frames to a request; what it left unread no longer counts."""
+        queue = self.queues.pop(request_id, None)
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if isinstance(msg, Message):
+                self.consumed(msg)  # or reading could stay paused for good
+
+    def consumed(self, msg: Message) -> None:
+        """A queued message was taken by its reader."""
+        body = getattr(msg, "body", b"")
+        if body:
+            self._unread -= len(body)
+            if self._reading_paused and self._unread < READ_LOW_WATER:
+                self._reading_paused = False
+                if transport := self._live():
+                    transport.resume_reading()
+
+    def _live(self) -> asyncio.Transport | None:
+        # A closing transport must not be paused, resumed or closed again
+        # (asyncio's SSL transport has dropped its protocol by then).
+        transport = self.transport
+        return transport if transport is not None and not transport.is_closing() else None
+
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        if not self.hello.done():
+            self.hello.set_exception(self.error)
+            self.hello.exception()  # retrieved: connect() may already be gone
+        for queue in self.queues.values():
+            queue.put_nowait(Closed(self.error))
+        for waiter in self.replies.values():
+            if not waiter.done():
+                waiter.set_exception(self.error)
+        self._writable.set()
+        if transport := self._live():
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self._fail(ConnectionClosed(f"connection closed by the agent{reason}"))
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def send(self, msg: Message) -> None:
+        if self.error is not None:
+            raise self.error
+        self.protocol.send(msg)
+        self.flush()
+
+    def flush(self) -> None:
+        wire.flush(self.protocol, self.transport)
+
+    async def drain(self) -> None:
+        await self._writable.wait()
+        if self.error is not None:
+            raise self.error
+
+
+def _connection_error(event: ConnectionFailed) -> TetherError:
+    if event.by_peer:
+        if event.code in _AUTH_CODES:
+            return AuthenticationError(event.code, event.message)
+        return RemoteError(event.code, event.message)
+    return ProtocolError(f"the agent broke the protocol: {event.message}", code=event.code)
