@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import shutil
 import signal
 import time
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..exceptions import RemoteError
 from ..messages import ErrorCode, Exec, Exit, Message, Signal, Stderr, Stdin, Stdout
 from .child import Child, spawn
+
+if TYPE_CHECKING:
+    from .session import ServerConnection
 
 __all__ = ["ExecRunner", "OutputSink"]
 
@@ -291,3 +296,49 @@ class ExecRunner:
                 name = None
             return Exit(self.request.id, signal=-code, signal_name=name, timed_out=self.timed_out)
         return Exit(self.request.id, status=code, timed_out=self.timed_out)
+
+
+# The request handler (session.HANDLERS) -------------------------------------------
+
+
+async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
+    server, config = conn.server, conn.server.config
+    # Without variables of its own the child inherits the agent's environment as
+    # it is: copying os.environ into a dict costs more than the rest of the check.
+    env = {**os.environ, **request.env} if request.env else None
+    program = request.argv[0] if request.argv is not None else "/bin/sh"
+    resolved = None
+    if config.allow:  # only an allow-list needs the path: a lookup costs stat calls
+        # Looked up in the agent's own PATH: a client's PATH must not pick the binary.
+        resolved = shutil.which(program, path=os.environ.get("PATH", os.defpath))
+        resolved = os.path.abspath(resolved) if resolved is not None else None
+    refusal = server.policy.refusal(program, resolved) or server.policy.env_refusal(
+        sorted(request.env or {})
+    )
+    if refusal is not None:
+        raise RemoteError(ErrorCode.FORBIDDEN, refusal)
+    if config.allow and request.argv is not None:
+        if resolved is None:
+            # Never let the request's own PATH find a program the list allowed by name.
+            raise RemoteError(ErrorCode.NOT_FOUND, f"no such program: {program}")
+        request = dataclasses.replace(request, argv=[resolved, *request.argv[1:]])
+    if conn.execs >= config.max_execs_per_connection or server.execs >= config.max_execs:
+        raise RemoteError(
+            ErrorCode.BUSY,
+            f"too many commands running (at most {config.max_execs_per_connection} per "
+            f"connection, {config.max_execs} on the agent)",
+        )
+    root = config.root
+    cwd = os.path.join(root, request.cwd) if request.cwd else os.fspath(root)
+    if not os.path.isdir(cwd):
+        raise RemoteError(ErrorCode.NOT_FOUND, f"no such directory: {request.cwd}")
+    runner = ExecRunner(request, conn, cwd=cwd, env=env)
+    conn.attach(request.id, runner)
+    conn.note(request.id, cwd=cwd)
+    conn.execs += 1
+    server.execs += 1
+    try:
+        return await runner.run()
+    finally:
+        conn.execs -= 1
+        server.execs -= 1

@@ -35,7 +35,7 @@ from ..paths import confine, is_within, outside_root
 from .fileio import FileSource, PartialFile, error_from_os, replace_symlink
 
 if TYPE_CHECKING:
-    from .server import ServerConnection
+    from .session import ServerConnection
 
 __all__ = ["FILE_HANDLERS", "resolve"]
 
