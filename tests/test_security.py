@@ -1394,8 +1394,12 @@ async def test_max_execs_on_the_agent(tmp_path: Path) -> None:
             tether.connect(a.host, token=a.token) as one,
             tether.connect(a.host, token=a.token) as two,
         ):
-            first = await one.exec(["sleep", "2"])
-            second = await two.exec(["sleep", "2"])
+            first = await one.exec(["sh", "-c", "echo started; sleep 2"])
+            second = await two.exec(["sh", "-c", "echo started; sleep 2"])
+            # Both are running before the third is asked for: frames on two
+            # connections may be read in either order.
+            for proc in (first, second):
+                assert (await anext(proc)).data == b"started\n"
             with pytest.raises(tether.RemoteError) as info:
                 await two.run(["echo", "third"])
             assert info.value.code == "busy"

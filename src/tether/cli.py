@@ -19,12 +19,9 @@ import click
 
 if TYPE_CHECKING:
     import asyncio
-    import ssl
-    from pathlib import Path  # imported by the commands that make paths, not by exec
 
     import tether
 
-TOKENS_FILE_NAME = "tokens"  # in the state directory, beside the agent's own token
 EXIT_FAILURE = 255  # tether's own failures, as ssh
 EXIT_TIMEOUT = 124  # the command ran out of --timeout, as timeout(1)
 EXIT_NOT_FOUND = 127  # the program does not exist, as a shell
@@ -33,21 +30,21 @@ EXIT_SIGPIPE = 128 + 13  # our stdout went away, as a process killed by SIGPIPE
 STDIN_CHUNK = 256 * 1024  # bytes read from local stdin at a time
 
 
-def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     click.echo(f"tether: {message}", err=True)
     sys.exit(code)
 
 
-def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> NoReturn:
+def run_main(main: Callable[[], Coroutine[Any, Any, int]]) -> NoReturn:
     """Run a command's coroutine and exit with its code; errors are one line."""
     import tether
 
     try:
         code = tether.run(main())
     except tether.UsageError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     except tether.TetherError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code)
@@ -131,293 +128,28 @@ async def _connected(host: str, connect: dict[str, Any]) -> AsyncIterator[tether
         yield conn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """A group whose agent commands (cli_agent.py) are loaded only when used:
+    ``tether exec`` does not build ``serve``'s two dozen options."""
+
+    LAZY = frozenset({"serve", "token"})  # each the attribute of that name in tether.cli_agent
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY:
+            from tether import cli_agent
+
+            command: click.Command = getattr(cli_agent, cmd_name)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tether")
 def cli() -> None:
     """Run commands and move files on machines you control."""
-
-
-# serve -------------------------------------------------------------------------
-
-
-@cli.command()
-@click.option(
-    "--host", "hosts", multiple=True, help="Address to listen on (repeatable). [default: 127.0.0.1]"
-)
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="TCP and UDP port; 0 picks a free one. [default: 7447]",
-)
-@click.option(
-    "--unix", "unix_path", type=click.Path(), help="Also listen on this Unix socket (mode 0600)."
-)
-@click.option("--no-tcp", is_flag=True, help="Do not listen on TCP (with --unix).")
-@click.option("--no-udp", is_flag=True, help="Do not answer UDP pings.")
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, exists=True),
-    help="Directory requests are relative to. [default: the current one]",
-)
-@click.option("--no-exec", is_flag=True, help="Refuse every exec request.")
-@click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False),
-    help="The agent's token, tokens file, TLS certificate and key. [default: $XDG_STATE_HOME/tether]",
-)
-@click.option(
-    "--token-file",
-    type=click.Path(dir_okay=False, exists=True),
-    help="Use the token in this file instead.",
-)
-@click.option(
-    "--grace",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="Seconds running requests get to finish on SIGTERM.",
-)
-@click.option(
-    "--insecure-plaintext",
-    is_flag=True,
-    help="TCP without TLS: anyone on the path can read and change the traffic.",
-)
-@click.option(
-    "--tokens-file",
-    type=click.Path(dir_okay=False),
-    help="Named tokens, 'NAME TOKEN' per line, mode 0600. [default: STATE_DIR/tokens]",
-)
-@click.option(
-    "--allow",
-    "allow",
-    multiple=True,
-    metavar="PATTERN",
-    help="Only programs matching PATTERN may run (repeatable; 'ls', '/usr/bin/*', '/bin/sh' for --shell).",
-)
-@click.option(
-    "--audit-log",
-    type=click.Path(dir_okay=False),
-    help="Append one JSON line per connection, hello, command and file change.",
-)
-@click.option(
-    "--max-unauthenticated",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Connections allowed to be authenticating at once.",
-)
-@click.option(
-    "--idle-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=300.0,
-    show_default=True,
-    help="Seconds before a silent authenticated connection is closed.",
-)
-@click.option(
-    "--max-execs-per-connection", type=click.IntRange(min=1), default=64, show_default=True
-)
-@click.option(
-    "--max-auth-failures",
-    type=click.IntRange(min=1),
-    default=10,
-    show_default=True,
-    help="Failed hellos from one address in a minute before it is blocked for a minute.",
-)
-@click.option(
-    "--max-execs",
-    type=click.IntRange(min=1),
-    default=256,
-    show_default=True,
-    help="Commands running at once on the agent.",
-)
-@click.option(
-    "--cert",
-    type=click.Path(dir_okay=False, exists=True),
-    help="TLS certificate (PEM) instead of the agent's own.",
-)
-@click.option(
-    "--key", type=click.Path(dir_okay=False, exists=True), help="Private key (PEM) of --cert."
-)
-@click.option(
-    "--hello-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
-    show_default=True,
-    help="Seconds a new connection gets to authenticate.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-)
-def serve(
-    hosts: tuple[str, ...],
-    port: int | None,
-    unix_path: str | None,
-    no_tcp: bool,
-    no_udp: bool,
-    root: str | None,
-    no_exec: bool,
-    state_dir: str | None,
-    token_file: str | None,
-    grace: float,
-    insecure_plaintext: bool,
-    tokens_file: str | None,
-    allow: tuple[str, ...],
-    audit_log: str | None,
-    max_unauthenticated: int,
-    idle_timeout: float,
-    max_execs_per_connection: int,
-    max_auth_failures: int,
-    max_execs: int,
-    cert: str | None,
-    key: str | None,
-    hello_timeout: float,
-    log_level: str,
-) -> None:
-    """Run the agent."""
-    import logging
-    from pathlib import Path
-
-    import tether
-    from tether.tokens import read_token_file
-
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if no_tcp and not unix_path:
-        _fail("--no-tcp needs --unix: there would be nothing to listen on", 2)
-    try:
-        if token_file:
-            token = read_token_file(token_file)
-        else:
-            directory = Path(state_dir) if state_dir else tether.default_state_dir()
-            token, path, created = tether.create_token_file(directory)
-            if created:
-                # The token is shown once, to a person at a terminal; a log
-                # file only learns where it is.
-                shown = f": {token}" if sys.stderr.isatty() else ""
-                click.echo(f"tether: new token written to {path}{shown}", err=True)
-            else:
-                click.echo(f"tether: token in {path}", err=True)
-    except (tether.UsageError, OSError) as exc:
-        _fail(str(exc))
-    directory = Path(state_dir) if state_dir else tether.default_state_dir()
-    ssl_context = None
-    if not no_tcp and not insecure_plaintext:
-        ssl_context = _agent_tls(directory, cert, key)
-    config = tether.ServerConfig(
-        ssl_context=ssl_context,
-        tokens_file=Path(tokens_file) if tokens_file else directory / TOKENS_FILE_NAME,
-        allow=list(allow),
-        audit_log=audit_log,
-        max_unauthenticated=max_unauthenticated,
-        idle_timeout=idle_timeout,
-        max_execs_per_connection=max_execs_per_connection,
-        max_execs=max_execs,
-        max_auth_failures=max_auth_failures,
-        token=token,
-        hosts=list(hosts) or ["127.0.0.1"],
-        port=tether.DEFAULT_PORT if port is None else port,
-        unix_path=unix_path,
-        tcp=not no_tcp,
-        udp=not no_udp,
-        root=Path(root or os.getcwd()).resolve(),
-        allow_exec=not no_exec,
-        grace=grace,
-        hello_timeout=hello_timeout,
-    )
-    _run(lambda: _serve(config))
-
-
-@cli.group()
-def token() -> None:
-    """Manage the agent's named tokens."""
-
-
-@token.command(name="new")
-@click.argument("name")
-@click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False),
-    help="The agent's state directory. [default: $XDG_STATE_HOME/tether]",
-)
-@click.option("--tokens-file", type=click.Path(dir_okay=False), help="[default: STATE_DIR/tokens]")
-def token_new(name: str, state_dir: str | None, tokens_file: str | None) -> None:
-    """Make a token for NAME (its identity in the audit log) and print it.
-
-    A running agent picks it up at the next connection.
-    """
-    from pathlib import Path
-
-    import tether
-    from tether.tokens import add_token
-
-    path = (
-        Path(tokens_file)
-        if tokens_file
-        else Path(state_dir or tether.default_state_dir()) / TOKENS_FILE_NAME
-    )
-    try:
-        secret = add_token(path, name)
-    except tether.UsageError as exc:
-        _fail(str(exc), 2)
-    except OSError as exc:
-        _fail(f"{path}: {exc.strerror}")
-    click.echo(secret)
-    click.echo(
-        f"tether: token {name!r} added to {path}; give it to the client in a file or $TETHER_TOKEN",
-        err=True,
-    )
-
-
-def _agent_tls(state_dir: Path, cert: str | None, key: str | None) -> ssl.SSLContext:
-    from pathlib import Path
-
-    from tether.asyncio import tls
-
-    if (cert is None) != (key is None):
-        _fail("--cert and --key go together", 2)
-    try:
-        if cert is not None and key is not None:
-            cert_path, key_path = Path(cert), Path(key)
-        else:
-            cert_path, key_path, created = tls.ensure_certificate(state_dir)
-            if created:
-                click.echo(f"tether: new TLS certificate in {cert_path}", err=True)
-        context = tls.server_context(cert_path, key_path)
-        click.echo(
-            f"tether: certificate fingerprint {tls.fingerprint_of_file(cert_path)}", err=True
-        )
-    except (OSError, ValueError) as exc:
-        _fail(f"cannot load the TLS certificate: {exc}")
-    return context
-
-
-async def _serve(config: tether.ServerConfig) -> int:
-    import asyncio
-    import signal
-
-    import tether
-
-    server = tether.Server(config)
-    try:
-        await server.start()
-    except OSError as exc:
-        await server.close()
-        _fail(f"cannot listen: {exc.strerror or exc}")
-    for address in server.addresses:
-        click.echo(f"tether: listening on {address}", err=True)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.stop)
-    await server.serve()
-    click.echo("tether: stopped", err=True)
-    return 0
 
 
 # exec --------------------------------------------------------------------------
@@ -470,9 +202,9 @@ def exec_(
     printf 'b\\na\\n' | tether exec web1 -- sort
     """
     if bool(command) == bool(shell):
-        _fail("give a command after --, or --shell CMDLINE (not both)", 2)
+        fail("give a command after --, or --shell CMDLINE (not both)", 2)
     environment = _parse_env(env)
-    _run(
+    run_main(
         lambda: _exec(
             host,
             list(command) if command else None,
@@ -605,14 +337,14 @@ def cp(
     try:
         src, dst = tether.parse_remote_path(source), tether.parse_remote_path(dest)
     except tether.UsageError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     if (src is None) == (dst is None):
-        _fail("exactly one of SOURCE and DEST must be HOST:PATH", 2)
+        fail("exactly one of SOURCE and DEST must be HOST:PATH", 2)
     options = {"recursive": recursive, "resume": resume, "quiet": quiet}
     if src is not None:
-        _run(lambda: _copy(src, dest, upload=False, **options, connect=connect))
+        run_main(lambda: _copy(src, dest, upload=False, **options, connect=connect))
     assert dst is not None
-    _run(lambda: _copy(dst, source, upload=True, **options, connect=connect))
+    run_main(lambda: _copy(dst, source, upload=True, **options, connect=connect))
 
 
 async def _copy(
@@ -726,10 +458,10 @@ def ls(target: str, as_json: bool, connect: dict[str, Any]) -> None:
     try:
         remote = tether.parse_remote_path(target)
     except tether.UsageError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     if remote is None:
-        _fail(f"{target}: expected HOST:PATH (ls lists a remote directory)", 2)
-    _run(lambda: _ls(remote, as_json, connect))
+        fail(f"{target}: expected HOST:PATH (ls lists a remote directory)", 2)
+    run_main(lambda: _ls(remote, as_json, connect))
 
 
 async def _ls(remote: tether.RemotePath, as_json: bool, connect: dict[str, Any]) -> int:
@@ -795,7 +527,7 @@ def _write_line(text: str) -> None:
 @_connection_options
 def echo(host: str, text: str, connect: dict[str, Any]) -> None:
     """Send TEXT to HOST and print what comes back, with the round-trip time."""
-    _run(lambda: _echo(host, text, connect))
+    run_main(lambda: _echo(host, text, connect))
 
 
 async def _echo(host: str, text: str, connect: dict[str, Any]) -> int:
@@ -806,7 +538,7 @@ async def _echo(host: str, text: str, connect: dict[str, Any]) -> int:
         reply = await conn.echo(text)
         elapsed = time.perf_counter() - started
     if reply != text:
-        _fail("echo came back different from what was sent")
+        fail("echo came back different from what was sent")
     assert isinstance(reply, str)
     _write_line(reply)  # as bytes: an argument that is not UTF-8 comes back as it went
     click.echo(f"round trip {elapsed * 1000:.3f} ms", err=True)
@@ -844,7 +576,7 @@ async def _echo(host: str, text: str, connect: dict[str, Any]) -> int:
 )
 def ping(host: str, count: int, interval: float, wait: float, size: int) -> None:
     """Ping HOST's agent over UDP (no token needed)."""
-    _run(lambda: _ping(host, count, interval, wait, size))
+    run_main(lambda: _ping(host, count, interval, wait, size))
 
 
 async def _ping(host: str, count: int, interval: float, wait: float, size: int) -> int:

@@ -1,0 +1,306 @@
+"""The agent's commands, ``tether serve`` and ``tether token``, loaded only when used.
+
+They hang under the ``tether`` group of :mod:`tether.cli`, which imports this
+module on first use, so a client command such as ``tether exec`` does not pay
+for them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from .cli import fail, run_main
+
+if TYPE_CHECKING:
+    import ssl
+    from pathlib import Path
+
+    import tether
+
+__all__ = ["serve", "token"]
+
+TOKENS_FILE_NAME = "tokens"  # in the state directory, beside the agent's own token
+
+
+@click.command()
+@click.option(
+    "--host", "hosts", multiple=True, help="Address to listen on (repeatable). [default: 127.0.0.1]"
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="TCP and UDP port; 0 picks a free one. [default: 7447]",
+)
+@click.option(
+    "--unix", "unix_path", type=click.Path(), help="Also listen on this Unix socket (mode 0600)."
+)
+@click.option("--no-tcp", is_flag=True, help="Do not listen on TCP (with --unix).")
+@click.option("--no-udp", is_flag=True, help="Do not answer UDP pings.")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, exists=True),
+    help="Directory requests are relative to. [default: the current one]",
+)
+@click.option("--no-exec", is_flag=True, help="Refuse every exec request.")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    help="The agent's token, tokens file, TLS certificate and key. [default: $XDG_STATE_HOME/tether]",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Use the token in this file instead.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds running requests get to finish on SIGTERM.",
+)
+@click.option(
+    "--insecure-plaintext",
+    is_flag=True,
+    help="TCP without TLS: anyone on the path can read and change the traffic.",
+)
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False),
+    help="Named tokens, 'NAME TOKEN' per line, mode 0600. [default: STATE_DIR/tokens]",
+)
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    metavar="PATTERN",
+    help="Only programs matching PATTERN may run (repeatable; 'ls', '/usr/bin/*', '/bin/sh' for --shell).",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False),
+    help="Append one JSON line per connection, hello, command and file change.",
+)
+@click.option(
+    "--max-unauthenticated",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Connections allowed to be authenticating at once.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds before a silent authenticated connection is closed.",
+)
+@click.option(
+    "--max-execs-per-connection", type=click.IntRange(min=1), default=64, show_default=True
+)
+@click.option(
+    "--max-auth-failures",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Failed hellos from one address in a minute before it is blocked for a minute.",
+)
+@click.option(
+    "--max-execs",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Commands running at once on the agent.",
+)
+@click.option(
+    "--cert",
+    type=click.Path(dir_okay=False, exists=True),
+    help="TLS certificate (PEM) instead of the agent's own.",
+)
+@click.option(
+    "--key", type=click.Path(dir_okay=False, exists=True), help="Private key (PEM) of --cert."
+)
+@click.option(
+    "--hello-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a new connection gets to authenticate.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def serve(
+    hosts: tuple[str, ...],
+    port: int | None,
+    unix_path: str | None,
+    no_tcp: bool,
+    no_udp: bool,
+    root: str | None,
+    no_exec: bool,
+    state_dir: str | None,
+    token_file: str | None,
+    grace: float,
+    insecure_plaintext: bool,
+    tokens_file: str | None,
+    allow: tuple[str, ...],
+    audit_log: str | None,
+    max_unauthenticated: int,
+    idle_timeout: float,
+    max_execs_per_connection: int,
+    max_auth_failures: int,
+    max_execs: int,
+    cert: str | None,
+    key: str | None,
+    hello_timeout: float,
+    log_level: str,
+) -> None:
+    """Run the agent."""
+    import logging
+    from pathlib import Path
+
+    import tether
+    from tether.tokens import read_token_file
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if no_tcp and not unix_path:
+        fail("--no-tcp needs --unix: there would be nothing to listen on", 2)
+    try:
+        if token_file:
+            token = read_token_file(token_file)
+        else:
+            directory = Path(state_dir) if state_dir else tether.default_state_dir()
+            token, path, created = tether.create_token_file(directory)
+            if created:
+                # The token is shown once, to a person at a terminal; a log
+                # file only learns where it is.
+                shown = f": {token}" if sys.stderr.isatty() else ""
+                click.echo(f"tether: new token written to {path}{shown}", err=True)
+            else:
+                click.echo(f"tether: token in {path}", err=True)
+    except (tether.UsageError, OSError) as exc:
+        fail(str(exc))
+    directory = Path(state_dir) if state_dir else tether.default_state_dir()
+    ssl_context = None
+    if not no_tcp and not insecure_plaintext:
+        ssl_context = _agent_tls(directory, cert, key)
+    config = tether.ServerConfig(
+        ssl_context=ssl_context,
+        tokens_file=Path(tokens_file) if tokens_file else directory / TOKENS_FILE_NAME,
+        allow=list(allow),
+        audit_log=audit_log,
+        max_unauthenticated=max_unauthenticated,
+        idle_timeout=idle_timeout,
+        max_execs_per_connection=max_execs_per_connection,
+        max_execs=max_execs,
+        max_auth_failures=max_auth_failures,
+        token=token,
+        hosts=list(hosts) or ["127.0.0.1"],
+        port=tether.DEFAULT_PORT if port is None else port,
+        unix_path=unix_path,
+        tcp=not no_tcp,
+        udp=not no_udp,
+        root=Path(root or os.getcwd()).resolve(),
+        allow_exec=not no_exec,
+        grace=grace,
+        hello_timeout=hello_timeout,
+    )
+    run_main(lambda: _serve(config))
+
+
+@click.group()
+def token() -> None:
+    """Manage the agent's named tokens."""
+
+
+@token.command(name="new")
+@click.argument("name")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    help="The agent's state directory. [default: $XDG_STATE_HOME/tether]",
+)
+@click.option("--tokens-file", type=click.Path(dir_okay=False), help="[default: STATE_DIR/tokens]")
+def token_new(name: str, state_dir: str | None, tokens_file: str | None) -> None:
+    """Make a token for NAME (its identity in the audit log) and print it.
+
+    A running agent picks it up at the next connection.
+    """
+    from pathlib import Path
+
+    import tether
+    from tether.tokens import add_token
+
+    path = (
+        Path(tokens_file)
+        if tokens_file
+        else Path(state_dir or tether.default_state_dir()) / TOKENS_FILE_NAME
+    )
+    try:
+        secret = add_token(path, name)
+    except tether.UsageError as exc:
+        fail(str(exc), 2)
+    except OSError as exc:
+        fail(f"{path}: {exc.strerror}")
+    click.echo(secret)
+    click.echo(
+        f"tether: token {name!r} added to {path}; give it to the client in a file or $TETHER_TOKEN",
+        err=True,
+    )
+
+
+def _agent_tls(state_dir: Path, cert: str | None, key: str | None) -> ssl.SSLContext:
+    from pathlib import Path
+
+    from tether.asyncio import tls
+
+    if (cert is None) != (key is None):
+        fail("--cert and --key go together", 2)
+    try:
+        if cert is not None and key is not None:
+            cert_path, key_path = Path(cert), Path(key)
+        else:
+            cert_path, key_path, created = tls.ensure_certificate(state_dir)
+            if created:
+                click.echo(f"tether: new TLS certificate in {cert_path}", err=True)
+        context = tls.server_context(cert_path, key_path)
+        click.echo(
+            f"tether: certificate fingerprint {tls.fingerprint_of_file(cert_path)}", err=True
+        )
+    except (OSError, ValueError) as exc:
+        fail(f"cannot load the TLS certificate: {exc}")
+    return context
+
+
+async def _serve(config: tether.ServerConfig) -> int:
+    import asyncio
+    import signal
+
+    import tether
+
+    server = tether.Server(config)
+    try:
+        await server.start()
+    except OSError as exc:
+        await server.close()
+        fail(f"cannot listen: {exc.strerror or exc}")
+    for address in server.addresses:
+        click.echo(f"tether: listening on {address}", err=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    await server.serve()
+    click.echo("tether: stopped", err=True)
+    return 0
