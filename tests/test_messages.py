@@ -11,7 +11,7 @@ import pytest
 from tether.codec import (
     decode_client_message,
     decode_server_message,
-    encode_echo_reply,
+    echo_reply_head,
     encode_message,
     to_frame_parts,
 )
@@ -172,16 +172,17 @@ def test_encode_message_writes_what_the_general_encoder_writes(msg: Message) -> 
 
 @pytest.mark.parametrize("ident", [1, 7, 2**53])
 @pytest.mark.parametrize("body", [b"", b"x", bytearray(b"\x00" * 1000)])
-def test_encode_echo_reply_is_the_frame_of_ok(ident: int, body: bytes) -> None:
+def test_echo_reply_head_is_the_head_of_ok(ident: int, body: bytes) -> None:
     limits = Limits()
-    assert encode_echo_reply(ident, body, limits) == b"".join(encode_message(Ok(ident, body)))
+    head = echo_reply_head(ident, len(body), limits)
+    assert (head, body) == encode_message(Ok(ident, body), limits)
 
 
-def test_encode_echo_reply_checks_the_limits() -> None:
+def test_echo_reply_head_checks_the_limits() -> None:
     with pytest.raises(FrameTooLarge):
-        encode_echo_reply(1, b"x" * 9, Limits(max_body=8))
+        echo_reply_head(1, 9, Limits(max_body=8))
     with pytest.raises(FrameTooLarge):
-        encode_echo_reply(1, b"", Limits(max_header=10))
+        echo_reply_head(1, 0, Limits(max_header=10))
 
 
 def test_encode_message_checks_the_limits() -> None:

@@ -18,12 +18,20 @@ from typing import Any
 from .exceptions import FrameTooLarge, ProtocolError
 from .frames import Body, Frame, encode_frame_head, frame_head
 from .limits import Limits
-from .messages import CLIENT_MESSAGES, SERVER_MESSAGES, ErrorCode, Message, shorten
+from .messages import (
+    ALL_MESSAGES,
+    CLIENT_MESSAGES,
+    SERVER_MESSAGES,
+    ErrorCode,
+    Message,
+    Ok,
+    shorten,
+)
 
 __all__ = [
     "decode_client_message",
     "decode_server_message",
-    "encode_echo_reply",
+    "echo_reply_head",
     "encode_message",
     "to_frame_parts",
 ]
@@ -70,29 +78,27 @@ def encode_message(msg: Message, limits: Limits | None = None) -> tuple[bytes, B
         else:
             return _encode_generic(msg, limits)
     body: Body = msg.body if msg.HAS_BODY else b""  # type: ignore[attr-defined]
-    limits = limits or _DEFAULT_LIMITS
-    if body:
-        if len(body) > limits.max_body:
-            raise FrameTooLarge("body", len(body), limits.max_body)
-        parts += (',"body_len":', str(len(body)))
-    parts.append("}")
-    return frame_head("".join(parts).encode("ascii"), limits), body
+    return _close_head("".join(parts), len(body), limits or _DEFAULT_LIMITS), body
 
 
-def encode_echo_reply(ident: int, body: Body, limits: Limits) -> bytes:
-    """The whole frame of ``Ok(ident, body)``, the answer to an echo, as one buffer.
-
-    The bytes of :func:`encode_message` joined, without making the message:
-    an agent answers every keepalive and latency probe with one.
+def echo_reply_head(ident: int, body_len: int, limits: Limits) -> bytes:
+    """The head of ``Ok(ident, body)``, the answer to an echo, for a body of
+    ``body_len`` bytes: what :func:`encode_message` writes, without making the
+    message (an agent answers every keepalive and latency probe with one).
 
     Raises:
         FrameTooLarge: the header or body would exceed ``limits``.
     """
-    if not body:
-        return frame_head(b'{"op":"ok","id":%d}' % ident, limits)
-    if len(body) > limits.max_body:
-        raise FrameTooLarge("body", len(body), limits.max_body)
-    return frame_head(b'{"op":"ok","id":%d,"body_len":%d}' % (ident, len(body)), limits) + body
+    return _close_head(f"{_OK_START}{ident}", body_len, limits)
+
+
+def _close_head(start: str, body_len: int, limits: Limits) -> bytes:
+    """The head of a header written up to ``start``: ``body_len`` and the end added."""
+    if not body_len:
+        return frame_head(f"{start}}}".encode("ascii"), limits)
+    if body_len > limits.max_body:
+        raise FrameTooLarge("body", body_len, limits.max_body)
+    return frame_head(f'{start},"body_len":{body_len}}}'.encode("ascii"), limits)
 
 
 def _encode_generic(msg: Message, limits: Limits | None) -> tuple[bytes, Body]:
@@ -223,10 +229,11 @@ def _required(cls: type[Message]) -> frozenset[str]:
     )
 
 
-_ALL = (*CLIENT_MESSAGES.values(), *SERVER_MESSAGES.values())
-_FIELDS: dict[type[Message], dict[str, _Checker]] = {cls: _schema(cls) for cls in _ALL}
-_REQUIRED: dict[type[Message], frozenset[str]] = {cls: _required(cls) for cls in _ALL}
-_CHECKED = frozenset(cls for cls in _ALL if cls.problem is not Message.problem)  # has problem()
+_FIELDS: dict[type[Message], dict[str, _Checker]] = {cls: _schema(cls) for cls in ALL_MESSAGES}
+_REQUIRED: dict[type[Message], frozenset[str]] = {cls: _required(cls) for cls in ALL_MESSAGES}
+_CHECKED = frozenset(
+    cls for cls in ALL_MESSAGES if cls.problem is not Message.problem
+)  # has problem()
 _DEFAULT_LIMITS = Limits()
 # Per class: the header's start up to the id's value, and each other header
 # field's name with the JSON that precedes its value (encode_message).
@@ -235,5 +242,6 @@ _TEMPLATES: dict[type[Message], tuple[str, tuple[tuple[str, str], ...]]] = {
         f'{{"op":{_quote(cls.OP.value)},"id":',
         tuple((name, f",{_quote(name)}:") for name in _FIELDS[cls] if name != "body"),
     )
-    for cls in _ALL
+    for cls in ALL_MESSAGES
 }
+_OK_START = _TEMPLATES[Ok][0]  # '{"op":"ok","id":'

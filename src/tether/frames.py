@@ -369,10 +369,7 @@ class FrameDecoder:
             if available < body_len:
                 self._reserve(body_len)
                 return
-            # _emit, written out: this is every small frame's path.
-            small = bytes(scratch[start : start + body_len]) if body_len else _EMPTY
-            self._ready.append((Frame(self._header, small), self._frame_len))
-            self._header, self._body_len = None, 0
+            self._emit(bytes(scratch[start : start + body_len]) if body_len else _EMPTY)
             self._start = start + body_len
 
     def _emit(self, body: Body) -> None:

@@ -532,9 +532,9 @@ SERVER_MESSAGES: dict[str, type[Message]] = {
 }  # fmt: skip
 
 
-_ALL = (*CLIENT_MESSAGES.values(), *SERVER_MESSAGES.values())
+ALL_MESSAGES = (*CLIENT_MESSAGES.values(), *SERVER_MESSAGES.values())  # Data and Done twice
 _FIELD_NAMES: dict[type[Message], tuple[str, ...]] = {
-    cls: tuple(f.name for f in fields(cls)) for cls in _ALL
+    cls: tuple(f.name for f in fields(cls)) for cls in ALL_MESSAGES
 }
 
 
