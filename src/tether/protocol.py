@@ -64,6 +64,11 @@ class State(Enum):
     CLOSED = "closed"
 
 
+# The states as plain names: every frame checks the state a few times, and
+# reading a member off an Enum class costs ten times a global here (3.11).
+_AWAIT_HELLO, _OPEN, _CLOSED = State.AWAIT_HELLO, State.OPEN, State.CLOSED
+
+
 @dataclass(slots=True)
 class HelloReceived:
     """The client's hello; answer with ``accept_hello`` or ``reject_hello``."""
@@ -119,7 +124,7 @@ _REQUEST_OPS = frozenset(cls.OP.value for cls in _REQUESTS)
 class _Base:
     def __init__(self, limits: Limits | None) -> None:
         self.limits = limits or Limits()
-        self.state = State.AWAIT_HELLO
+        self.state = _AWAIT_HELLO
         self._decoder = FrameDecoder(self.limits)
         self._events: list[Event] = []
         self._out: list[Body] = []
@@ -133,7 +138,7 @@ class _Base:
 
     @property
     def closed(self) -> bool:
-        return self.state is State.CLOSED
+        return self.state is _CLOSED
 
     def events_received(self) -> list[Event]:
         """Events produced by input so far; each is returned once."""
@@ -165,7 +170,7 @@ class _Base:
             self._out.append(head + body)  # one buffer: cheaper to write than two
 
     def _fail(self, code: str, message: str) -> None:
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
         try:
             self.send(Error(0, code, message))
@@ -174,19 +179,19 @@ class _Base:
             # what matters, and this method must never raise.
             with contextlib.suppress(FrameTooLarge):
                 self.send(Error(0, code))
-        self.state = State.CLOSED
+        self.state = _CLOSED
         self._events.append(ConnectionFailed(code, message))
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read elsewhere; never raises."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
         self._decoder.receive_data(data)
         self._handle_frames()
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were read into the last :meth:`get_buffer`; never raises."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return  # later input is discarded
         self._decoder.buffer_updated(nbytes)
         self._handle_frames()
@@ -203,7 +208,7 @@ class _Base:
         try:
             while (frame := next_frame()) is not None:
                 self._handle(frame)
-                if self.state is State.CLOSED or self._waiting:
+                if self.state is _CLOSED or self._waiting:
                     # Closed: later input is discarded. Waiting: the rest
                     # stays buffered until the hello is decided, so packing
                     # many hellos into one write gets one token check.
@@ -236,9 +241,9 @@ class ServerProtocol(_Base):
 
     def accept_hello(self, reply: HelloReply) -> None:
         """Open the connection for requests and answer the hello."""
-        if self.state is State.AWAIT_HELLO:
+        if self.state is _AWAIT_HELLO:
             self.send(reply)
-            self.state = State.OPEN
+            self.state = _OPEN
             self._waiting = False
             self._handle_frames()  # requests pipelined behind the hello
 
@@ -254,11 +259,11 @@ class ServerProtocol(_Base):
         """Send a request's last frame and forget its id."""
         if request_id in self._active:
             del self._active[request_id]
-            if self.state is State.OPEN:
+            if self.state is _OPEN:
                 self.send(final)
 
     def _handle(self, frame: Frame) -> None:
-        if self.state is State.AWAIT_HELLO:
+        if self.state is _AWAIT_HELLO:
             self._handle_hello(frame)
             return
         header = frame.header
@@ -346,15 +351,15 @@ class ClientProtocol(_Base):
         except ProtocolError as exc:
             self._fail(exc.code, str(exc))
             return
-        if self.state is State.AWAIT_HELLO:
+        if self.state is _AWAIT_HELLO:
             if isinstance(msg, HelloReply):
-                self.state = State.OPEN
+                self.state = _OPEN
             elif not (isinstance(msg, Error) and msg.id == 0):
                 self._fail(ErrorCode.PROTOCOL_ERROR, f"expected hello, got {msg.OP}")
                 return
         if isinstance(msg, Error) and msg.id == 0:
             # The agent failed the connection; nothing more will come.
-            self.state = State.CLOSED
+            self.state = _CLOSED
             self._events.append(ConnectionFailed(msg.code, msg.message, by_peer=True))
             return
         self._events.append(ReplyReceived(msg))

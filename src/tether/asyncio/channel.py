@@ -48,7 +48,8 @@ class Channel(asyncio.BufferedProtocol):
         # Bound here, not a method: the loop calls it for every read.
         self.get_buffer = self.protocol.get_buffer  # type: ignore[method-assign]
         self.transport: asyncio.Transport | None = None
-        loop = asyncio.get_running_loop()
+        # Kept: every request makes a future on it.
+        self.loop = loop = asyncio.get_running_loop()
         self.hello: asyncio.Future[HelloReply] = loop.create_future()
         self.queues: dict[int, asyncio.Queue[Message | Closed]] = {}
         # Requests answered by exactly one frame (echo, stat...): a future is
@@ -68,23 +69,25 @@ class Channel(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.protocol.buffer_updated(nbytes)
-        for event in self.protocol.events_received():
-            if isinstance(event, ReplyReceived):
+        protocol = self.protocol
+        protocol.buffer_updated(nbytes)
+        for event in protocol.events_received():
+            if type(event) is ReplyReceived:
                 self._route(event.message)
             elif isinstance(event, ConnectionFailed):
                 self._fail(_connection_error(event))
-        self.flush()
+        wire.flush(protocol, self.transport)
 
     def _route(self, msg: Message) -> None:
-        if isinstance(msg, HelloReply):
-            if not self.hello.done():
-                self.hello.set_result(msg)
-            return
+        # The one-frame replies first: the busiest case (echo, stat...).
         waiter = self.replies.pop(msg.id, None)
         if waiter is not None:
             if not waiter.done():
                 waiter.set_result(msg)
+            return
+        if isinstance(msg, HelloReply):
+            if not self.hello.done():
+                self.hello.set_result(msg)
             return
         queue = self.queues.get(msg.id)
         if queue is None:
@@ -151,7 +154,7 @@ class Channel(asyncio.BufferedProtocol):
         if self.error is not None:
             raise self.error
         self.protocol.send(msg)
-        self.flush()
+        wire.flush(self.protocol, self.transport)
 
     def flush(self) -> None:
         wire.flush(self.protocol, self.transport)

@@ -268,7 +268,7 @@ class Connection:
         if wire.error is not None:
             raise wire.error
         request_id = wire.protocol.new_request_id()
-        waiter: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Message] = wire.loop.create_future()
         wire.replies[request_id] = waiter
         try:
             wire.send(msg_factory(request_id))
