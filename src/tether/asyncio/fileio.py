@@ -102,8 +102,13 @@ class _ThreadedFile:
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        # Retrieved here, so that one nobody awaits any more (the caller was
+        # cancelled) is not reported as "never retrieved".
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._busy = future
-        return await future
+        # Shielded: cancelling the caller must not mark this future done
+        # (cancelled) while the thread still uses the descriptor.
+        return await asyncio.shield(future)
 
     async def settle(self) -> None:
         """Wait for a thread still working on this file (after a cancellation)."""
