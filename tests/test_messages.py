@@ -12,6 +12,7 @@ from tether.codec import (
     decode_client_message,
     decode_server_message,
     echo_reply_head,
+    echo_request_head,
     encode_message,
     to_frame_parts,
 )
@@ -178,11 +179,20 @@ def test_echo_reply_head_is_the_head_of_ok(ident: int, body: bytes) -> None:
     assert (head, body) == encode_message(Ok(ident, body), limits)
 
 
-def test_echo_reply_head_checks_the_limits() -> None:
+@pytest.mark.parametrize("ident", [1, 7, 2**53])
+@pytest.mark.parametrize("body", [b"", b"x", bytearray(b"\x00" * 1000)])
+def test_echo_request_head_is_the_head_of_echo(ident: int, body: bytes) -> None:
+    limits = Limits()
+    head = echo_request_head(ident, len(body), limits)
+    assert (head, body) == encode_message(Echo(ident, body), limits)
+
+
+@pytest.mark.parametrize("head", [echo_reply_head, echo_request_head])
+def test_echo_heads_check_the_limits(head: Any) -> None:
     with pytest.raises(FrameTooLarge):
-        echo_reply_head(1, 9, Limits(max_body=8))
+        head(1, 9, Limits(max_body=8))
     with pytest.raises(FrameTooLarge):
-        echo_reply_head(1, 0, Limits(max_header=10))
+        head(1, 0, Limits(max_header=10))
 
 
 def test_encode_message_checks_the_limits() -> None:

@@ -185,6 +185,49 @@ def test_handshake_and_a_request_round_trip() -> None:
     ]
 
 
+@pytest.mark.parametrize("body", [b"", b"ping", bytes(range(256)) * 100])
+def test_send_echo_writes_what_send_writes(body: bytes) -> None:
+    fast, general = ClientProtocol(), ClientProtocol()
+    fast.send_echo(7, body)
+    general.send(Echo(7, body))
+    assert output(fast) == output(general)
+
+
+_JSON_VALUES = st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ident=st.integers(min_value=0, max_value=2**53),
+    body=st.binary(max_size=64),
+    extra=st.dictionaries(
+        st.text(max_size=8).filter(lambda k: k not in ("op", "id", "body_len")),
+        _JSON_VALUES,
+        max_size=3,
+    ),
+)
+def test_client_takes_ok_as_decoding_would(ident: int, body: bytes, extra: dict[str, Any]) -> None:
+    # The client's shortcut for ok frames (every echo's answer) must give the
+    # message the general decoder gives, unknown header fields ignored.
+    client = ClientProtocol()
+    client.send_hello(TOKEN)
+    assert feed(client, wire(REPLY)) == [ReplyReceived(REPLY)]
+    data = raw({"op": "ok", "id": ident, **extra}, body)
+    decoder = FrameDecoder()
+    decoder.receive_data(data)
+    (frame,) = decoder.frames()
+    assert feed(client, data) == [ReplyReceived(decode_server_message(frame))]
+    assert client.state is State.OPEN
+
+
+def test_client_refuses_ok_before_the_hello_reply() -> None:
+    client = ClientProtocol()
+    client.send_hello(TOKEN)
+    events = feed(client, wire(Ok(1, b"early")))
+    assert events == [ConnectionFailed(ErrorCode.PROTOCOL_ERROR, "expected hello, got ok")]
+    assert client.closed
+
+
 def test_echo_round_trip_with_empty_body() -> None:
     pair = ConnectionPair()
     pair.open()

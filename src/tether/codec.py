@@ -22,6 +22,7 @@ from .messages import (
     ALL_MESSAGES,
     CLIENT_MESSAGES,
     SERVER_MESSAGES,
+    Echo,
     ErrorCode,
     Message,
     Ok,
@@ -32,6 +33,7 @@ __all__ = [
     "decode_client_message",
     "decode_server_message",
     "echo_reply_head",
+    "echo_request_head",
     "encode_message",
     "to_frame_parts",
 ]
@@ -90,6 +92,16 @@ def echo_reply_head(ident: int, body_len: int, limits: Limits) -> bytes:
         FrameTooLarge: the header or body would exceed ``limits``.
     """
     return _close_head(f"{_OK_START}{ident}", body_len, limits)
+
+
+def echo_request_head(ident: int, body_len: int, limits: Limits) -> bytes:
+    """The head of ``Echo(ident, body)`` for a body of ``body_len`` bytes, as
+    :func:`echo_reply_head` is the head of its answer.
+
+    Raises:
+        FrameTooLarge: the header or body would exceed ``limits``.
+    """
+    return _close_head(f"{_ECHO_START}{ident}", body_len, limits)
 
 
 def _close_head(start: str, body_len: int, limits: Limits) -> bytes:
@@ -245,3 +257,4 @@ _TEMPLATES: dict[type[Message], tuple[str, tuple[tuple[str, str], ...]]] = {
     for cls in ALL_MESSAGES
 }
 _OK_START = _TEMPLATES[Ok][0]  # '{"op":"ok","id":'
+_ECHO_START = _TEMPLATES[Echo][0]  # '{"op":"echo","id":'

@@ -18,6 +18,7 @@ from .codec import (
     decode_client_message,
     decode_server_message,
     echo_reply_head,
+    echo_request_head,
     encode_message,
 )
 from .exceptions import FrameTooLarge, ProtocolError
@@ -34,6 +35,7 @@ from .messages import (
     ListDir,
     Message,
     Mkdir,
+    Ok,
     Put,
     SetAttr,
     Stat,
@@ -339,6 +341,16 @@ class ClientProtocol(_Base):
     def send_hello(self, token: str, version: int = PROTOCOL_VERSION) -> None:
         self.send(Hello(0, version, token))
 
+    def send_echo(self, ident: int, body: Body) -> None:
+        """Queue ``Echo(ident, body)``: the same frame as ``send`` makes, without
+        the message object (keepalives and latency probes are the busiest
+        request a client sends).
+
+        Raises:
+            FrameTooLarge: ``body`` is over the limit.
+        """
+        self._queue(echo_request_head(ident, len(body), self.limits), body)
+
     def new_request_id(self) -> int:
         """A fresh request id (ids are never reused on a connection)."""
         ident = self._next_id
@@ -346,6 +358,11 @@ class ClientProtocol(_Base):
         return ident
 
     def _handle(self, frame: Frame) -> None:
+        if frame.header["op"] == "ok" and self.state is _OPEN:
+            # The answer to every echo: ok has no field but its body, so this
+            # is all decoding would do (other header fields are ignored).
+            self._events.append(ReplyReceived(Ok(frame.header["id"], frame.body)))
+            return
         try:
             msg = decode_server_message(frame)
         except ProtocolError as exc:

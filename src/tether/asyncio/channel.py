@@ -156,6 +156,12 @@ class Channel(asyncio.BufferedProtocol):
         self.protocol.send(msg)
         wire.flush(self.protocol, self.transport)
 
+    def send_echo(self, request_id: int, body: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.protocol.send_echo(request_id, body)
+        wire.flush(self.protocol, self.transport)
+
     def flush(self) -> None:
         wire.flush(self.protocol, self.transport)
 

@@ -23,7 +23,6 @@ from ..exceptions import (
 from ..messages import (
     SIGNAL_NAMES,
     Cancel,
-    Echo,
     Error,
     Exec,
     Exit,
@@ -265,13 +264,18 @@ class Connection:
             TetherError: the connection ended first.
         """
         wire = self._wire
+        return await self._exchange(lambda i: wire.send(msg_factory(i)))
+
+    async def _exchange(self, send: Callable[[int], None]) -> Message:
+        """``_request`` with ``send(request_id)`` sending the request itself."""
+        wire = self._wire
         if wire.error is not None:
             raise wire.error
         request_id = wire.protocol.new_request_id()
         waiter: asyncio.Future[Message] = wire.loop.create_future()
         wire.replies[request_id] = waiter
         try:
-            wire.send(msg_factory(request_id))
+            send(request_id)
             msg = await waiter
         finally:
             wire.replies.pop(request_id, None)
@@ -376,7 +380,8 @@ class Connection:
         """Send ``data`` to the agent and return what came back (same type)."""
         # surrogateescape: a command-line argument that is not UTF-8 echoes as its bytes.
         body = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
-        msg = await self._request(lambda i: Echo(i, body=body))
+        wire = self._wire
+        msg = await self._exchange(lambda i: wire.send_echo(i, body))
         if not isinstance(msg, Ok):
             raise ProtocolError(f"echo answered with {msg.OP}")
         if isinstance(data, str):
