@@ -267,6 +267,31 @@ def test_cli_stdout_and_stderr_go_to_their_own_streams(agent: Agent, tether_cli:
     assert r.stderr == b"err1\nerr2\n"
 
 
+def test_cli_exits_without_the_interpreter_teardown(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    # A client command leaves with os._exit once stdout and stderr are
+    # flushed: the teardown would only free modules, about a tenth of a fresh
+    # `tether exec`. An atexit hook that a sitecustomize module installs shows
+    # whether the teardown ran; all the output must be there regardless.
+    site = tmp_path / "site"
+    site.mkdir()
+    marker = tmp_path / "teardown-ran"
+    (site / "sitecustomize.py").write_text(
+        f"import atexit\natexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+    )
+    env = {**agent.env, "PYTHONPATH": str(site)}
+    subprocess.run([sys.executable, "-c", "pass"], env=env, check=True, timeout=30)
+    assert marker.exists(), "the hook does not run at a normal exit: the check below means nothing"
+    marker.unlink()
+
+    r = tether_cli.run(
+        ["exec", agent.host, "--shell", "printf out; printf err >&2; exit 3"], env=env
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"out", b"err")
+    assert not marker.exists()
+
+
 def test_cli_binary_invalid_utf8_and_gbk_output_is_byte_exact(
     agent: Agent, tether_cli: type[Cli]
 ) -> None:

@@ -217,7 +217,7 @@ def serve(
         grace=grace,
         hello_timeout=hello_timeout,
     )
-    run_main(lambda: _serve(config))
+    run_main(lambda: _serve(config), teardown=True)
 
 
 @click.group()
