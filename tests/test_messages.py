@@ -173,18 +173,12 @@ def test_encode_message_writes_what_the_general_encoder_writes(msg: Message) -> 
 
 @pytest.mark.parametrize("ident", [1, 7, 2**53])
 @pytest.mark.parametrize("body", [b"", b"x", bytearray(b"\x00" * 1000)])
-def test_echo_reply_head_is_the_head_of_ok(ident: int, body: bytes) -> None:
+@pytest.mark.parametrize(("head", "message"), [(echo_reply_head, Ok), (echo_request_head, Echo)])
+def test_echo_heads_are_the_heads_of_their_messages(
+    ident: int, body: bytes, head: Any, message: type[Ok] | type[Echo]
+) -> None:
     limits = Limits()
-    head = echo_reply_head(ident, len(body), limits)
-    assert (head, body) == encode_message(Ok(ident, body), limits)
-
-
-@pytest.mark.parametrize("ident", [1, 7, 2**53])
-@pytest.mark.parametrize("body", [b"", b"x", bytearray(b"\x00" * 1000)])
-def test_echo_request_head_is_the_head_of_echo(ident: int, body: bytes) -> None:
-    limits = Limits()
-    head = echo_request_head(ident, len(body), limits)
-    assert (head, body) == encode_message(Echo(ident, body), limits)
+    assert (head(ident, len(body), limits), body) == encode_message(message(ident, body), limits)
 
 
 @pytest.mark.parametrize("head", [echo_reply_head, echo_request_head])
