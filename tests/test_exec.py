@@ -280,7 +280,8 @@ def test_cli_exits_without_the_interpreter_teardown(
     (site / "sitecustomize.py").write_text(
         f"import atexit\natexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
     )
-    env = {**agent.env, "PYTHONPATH": str(site)}
+    path = [str(site), *filter(None, [agent.env.get("PYTHONPATH")])]
+    env = {**agent.env, "PYTHONPATH": os.pathsep.join(path)}
     subprocess.run([sys.executable, "-c", "pass"], env=env, check=True, timeout=30)
     assert marker.exists(), "the hook does not run at a normal exit: the check below means nothing"
     marker.unlink()
@@ -290,6 +291,20 @@ def test_cli_exits_without_the_interpreter_teardown(
     )
     assert (r.returncode, r.stdout, r.stderr) == (3, b"out", b"err")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-", "<&-", ">&- 2>&- <&-"])
+def test_cli_runs_with_standard_descriptors_closed(agent: Agent, closed: str) -> None:
+    # A caller may start tether with stdin, stdout or stderr closed, as ssh
+    # allows: the exit code must still be the command's, with no crash (libuv
+    # used to abort when the descriptor number came back as a socket or pipe).
+    argv = [sys.executable, "-m", "tether", "exec", agent.host, "--", "sh", "-c", "exit 3"]
+    script = f'exec "$@" {closed}'
+    r = subprocess.run(
+        ["sh", "-c", script, "sh", *argv], env=agent.env, capture_output=True, timeout=60
+    )
+    assert r.returncode == 3, r.stderr
+    assert b"Traceback" not in r.stderr and b"Assertion" not in r.stderr, r.stderr
 
 
 def test_cli_binary_invalid_utf8_and_gbk_output_is_byte_exact(

@@ -7,8 +7,8 @@ cancellation that really ends the remote work and leaves the connection
 usable, a client that a malicious agent cannot make write outside the
 destination, connection errors that end what the connection ran, stdin that
 cannot wedge a connection, out-of-range numbers answered as ``bad_request``,
-non-UTF-8 arguments, a broken tokens file, and partial files kept when a
-resumed put is cut off.
+non-UTF-8 arguments, a broken tokens file, partial files kept when a
+resumed put is cut off, and an exit status no program can have.
 
 Hostile clients are blocking sockets (TLS without verification, so their bytes
 reach the frame decoder); the hostile agent is an asyncio server in this file.
@@ -358,8 +358,9 @@ class EvilAgent:
 
     PAYLOAD = b"written by the agent\n"
 
-    def __init__(self, listings: dict[str, list[dict[str, Any]]]) -> None:
+    def __init__(self, listings: dict[str, list[dict[str, Any]]], exit_status: int = 0) -> None:
         self.listings = listings
+        self.exit_status = exit_status  # what every exec "exits" with
         self.server: asyncio.Server | None = None
         self.port = 0
         self.handlers: set[asyncio.Task[Any]] = set()
@@ -424,6 +425,8 @@ class EvilAgent:
             ]
         if op == "echo":
             return [({"op": "ok", "id": i}, f.body)]
+        if op == "exec":
+            return [({"op": "exit", "id": i, "status": self.exit_status}, b"")]
         return []  # cancel, signals...: nothing to say
 
 
@@ -464,6 +467,22 @@ EVIL_LISTINGS: dict[str, Callable[[Path], dict[str, list[dict[str, Any]]]]] = {
         "d/esc": [_file("escaped.txt")],
     },
 }
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("status", "code"), [(3, 3), (2**31 + 5, 5), (-1, 255)])
+async def test_cli_exit_code_of_any_status_an_agent_reports(status: int, code: int) -> None:
+    # A process exit status is 8 bits: a status no program can have (only a
+    # broken agent sends one) still ends the CLI with its low byte, as the
+    # kernel would keep it, and never with a traceback.
+    async with EvilAgent({}, exit_status=status) as evil:
+        argv = [sys.executable, "-m", "tether", "exec", "--insecure-plaintext"]
+        argv += [f"127.0.0.1:{evil.port}", "--", "true"]
+        env = {**os.environ, "TETHER_TOKEN": "x" * 40}
+        r = await asyncio.to_thread(
+            subprocess.run, argv, env=env, capture_output=True, timeout=30, check=False
+        )
+    assert (r.returncode, r.stderr) == (code, b"")
 
 
 @pytest.mark.timeout(60)

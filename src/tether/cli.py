@@ -39,10 +39,11 @@ def run_main(main: Callable[[], Coroutine[Any, Any, int]], *, teardown: bool = F
     """Run a command's coroutine and exit with its code; errors are one line.
 
     A client command then leaves without the interpreter's teardown (unless
-    ``teardown``): by the time the loop has closed, its connection is closed
-    and its files are written and closed, so all that teardown does is free
-    the modules of asyncio, ssl and click, one by one: about 12 ms here, a
-    tenth of a whole ``tether exec``.
+    ``teardown``): by the time the loop has closed (``asyncio.Runner`` joins
+    the worker threads that read and write files before it returns), its
+    connection is closed and its files are written and closed, so all that
+    teardown does is free the modules of asyncio, ssl and click, one by one:
+    about 12 ms here, a tenth of a whole ``tether exec``.
     """
     import tether
 
@@ -63,11 +64,14 @@ def _exit_now(code: int) -> None:
     """``os._exit(code)`` once stdout and stderr are flushed; returns (for the
     usual exit and its report) if they cannot be."""
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: the descriptor was closed when we started
+                stream.flush()
     except (OSError, ValueError):
         return
-    os._exit(code)
+    # An exit status is 8 bits: what the kernel would keep of a larger code
+    # (only a broken agent reports one), where os._exit would raise instead.
+    os._exit(code & 0xFF)
 
 
 def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -625,4 +629,25 @@ async def _ping(host: str, count: int, interval: float, wait: float, size: int) 
 
 
 def main() -> None:
+    _open_standard_descriptors()
     cli(prog_name="tether")
+
+
+def _open_standard_descriptors() -> None:
+    """Put /dev/null on whichever of descriptors 0, 1 and 2 the caller left
+    closed (``>&-``, some daemons), as ssh does, and give Python its streams
+    back: otherwise the first socket or pipe opened takes the number, output
+    meant for stdout goes into it, and libuv aborts when it closes it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            name = ("stdin", "stdout", "stderr")[fd]
+            if getattr(sys, name) is None:  # Python found it closed at start-up
+                # Lives as long as the process, as the streams Python opens itself.
+                stream = open(fd, "r" if fd == 0 else "w", closefd=False)  # noqa: SIM115
+                setattr(sys, name, stream)

@@ -263,8 +263,7 @@ class Connection:
             RemoteError: the answer is an ``error`` frame.
             TetherError: the connection ended first.
         """
-        wire = self._wire
-        return await self._exchange(lambda i: wire.send(msg_factory(i)))
+        return await self._exchange(lambda i: self._wire.send(msg_factory(i)))
 
     async def _exchange(self, send: Callable[[int], None]) -> Message:
         """``_request`` with ``send(request_id)`` sending the request itself."""

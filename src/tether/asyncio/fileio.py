@@ -304,7 +304,20 @@ class PartialFile(_ThreadedFile):
             os.close(directory)
 
     def discard(self) -> None:
-        """Remove the partial file (a failed transfer leaves nothing); close."""
+        """Remove the partial file (a failed transfer leaves nothing); close.
+
+        A thread still at work on it (a commit cut short by a cancellation)
+        finishes first: removed under it, the name could be taken by the next
+        transfer's partial file, which the late rename would then put in place
+        of the destination unverified. Until then this file stays open and
+        locked, so a new transfer to the same destination is refused as busy.
+        """
+        if self._busy is not None and not self._busy.done():
+            self._busy.add_done_callback(lambda _: self._discard_now())
+        else:
+            self._discard_now()
+
+    def _discard_now(self) -> None:
         if not self.committed:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
