@@ -101,7 +101,11 @@ TOKENS_FILE_NAME = "tokens"  # in the state directory, beside the agent's own to
     help="Seconds before a silent authenticated connection is closed.",
 )
 @click.option(
-    "--max-execs-per-connection", type=click.IntRange(min=1), default=64, show_default=True
+    "--max-execs-per-connection",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Commands running at once on one connection.",
 )
 @click.option(
     "--max-auth-failures",

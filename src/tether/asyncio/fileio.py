@@ -119,10 +119,14 @@ class _ThreadedFile:
         if self._closed:
             return
         self._closed = True
+        self._after_thread(self._close_fd)
+
+    def _after_thread(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` now, or once the thread still at work on this file is done."""
         if self._busy is not None and not self._busy.done():
-            self._busy.add_done_callback(lambda _: self._close_fd())
+            self._busy.add_done_callback(lambda _: fn())
         else:
-            self._close_fd()
+            fn()
 
     def _close_fd(self) -> None:
         with contextlib.suppress(OSError):
@@ -312,10 +316,7 @@ class PartialFile(_ThreadedFile):
         of the destination unverified. Until then this file stays open and
         locked, so a new transfer to the same destination is refused as busy.
         """
-        if self._busy is not None and not self._busy.done():
-            self._busy.add_done_callback(lambda _: self._discard_now())
-        else:
-            self._discard_now()
+        self._after_thread(self._discard_now)
 
     def _discard_now(self) -> None:
         if not self.committed:
