@@ -21,6 +21,7 @@ from tether.frames import Frame, FrameDecoder, encode_frame, encode_frame_head
 from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN, Limits
 from tether.messages import (
     CLIENT_MESSAGES,
+    NO_DEFAULT,
     SERVER_MESSAGES,
     SIGNAL_NAMES,
     Cancel,
@@ -141,6 +142,67 @@ def test_op_tables_are_exactly_the_documented_ops() -> None:
     for table in (CLIENT_MESSAGES, SERVER_MESSAGES):
         for op, cls in table.items():
             assert op == cls.OP
+
+
+# The message classes themselves (messages._MessageClass) ------------------------
+
+
+def test_fields_are_the_annotations_in_order_base_first() -> None:
+    assert [(f.name, f.type) for f in Put.FIELDS] == [
+        ("id", "int"),
+        ("path", "str"),
+        ("size", "int"),
+        ("mode", "int"),
+        ("mtime_ns", "int | None"),
+        ("hash", "str"),
+        ("resume", "bool"),
+    ]
+    defaults = {f.name: f.default for f in Put.FIELDS if f.default is not NO_DEFAULT}
+    assert defaults == {"mode": 0o644, "mtime_ns": None, "hash": "blake3", "resume": False}
+    # Class variables are not fields.
+    assert {"OP", "HAS_BODY", "FIELDS"}.isdisjoint(f.name for f in Echo.FIELDS)
+
+
+def test_init_takes_fields_by_position_or_name_with_their_defaults() -> None:
+    put = Put(7, "a/b", 5, resume=True)
+    assert (put.id, put.path, put.size, put.mode, put.mtime_ns, put.hash, put.resume) == (
+        7, "a/b", 5, 0o644, None, "blake3", True,
+    )  # fmt: skip
+    assert Put(id=7, path="a/b", size=5, resume=True) == put
+    with pytest.raises(TypeError):
+        Put(7, "a/b")  # type: ignore[call-arg]  # size has no default
+    with pytest.raises(TypeError):
+        Put(7, "a/b", 5, colour="red")  # type: ignore[call-arg]
+
+
+def test_replace_makes_a_changed_copy() -> None:
+    run = Exec(4, ["ls", "-l"], cwd="src")
+    moved = run.replace(argv=["/bin/ls", "-l"])
+    assert moved == Exec(4, ["/bin/ls", "-l"], cwd="src")
+    assert run == Exec(4, ["ls", "-l"], cwd="src")  # the original is unchanged
+    with pytest.raises(TypeError):
+        run.replace(colour="red")
+
+
+def test_messages_are_slotted_records_equal_by_class_and_fields() -> None:
+    msg = Stat(3, "x")
+    assert not hasattr(msg, "__dict__")
+    with pytest.raises(AttributeError):
+        msg.colour = "red"  # type: ignore[attr-defined]
+    assert msg == Stat(3, "x", follow=False)
+    assert msg != Stat(3, "x", follow=True)
+    assert msg != ListDir(3, "x")  # same fields, another class
+    assert repr(msg) == "Stat(id=3, path='x', follow=False)"
+    with pytest.raises(TypeError):
+        hash(msg)
+
+
+def test_a_field_without_default_after_one_with_default_is_refused() -> None:
+    with pytest.raises(TypeError, match="without a default follows one with a default"):
+
+        class Broken(Message):
+            first: int = 0
+            second: int
 
 
 @pytest.mark.parametrize("msg", CLIENT_SAMPLES, ids=repr)

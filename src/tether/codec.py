@@ -3,7 +3,7 @@
 A message (:mod:`.messages`) turns into a frame header plus body with
 :func:`to_frame_parts`, or straight into bytes with :func:`encode_message`,
 and back with :func:`decode_client_message` / :func:`decode_server_message`.
-Field types are checked from the dataclass annotations, so a class is all it
+Field types are checked from the messages' annotations, so a class is all it
 takes to add an op; unknown header fields are ignored (forward compatibility).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import MISSING, fields
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
@@ -21,6 +20,7 @@ from .limits import Limits
 from .messages import (
     ALL_MESSAGES,
     CLIENT_MESSAGES,
+    NO_DEFAULT,
     SERVER_MESSAGES,
     Echo,
     ErrorCode,
@@ -226,19 +226,11 @@ _CHECKERS: dict[str, _Checker] = {
 
 
 def _schema(cls: type[Message]) -> dict[str, _Checker]:
-    return {
-        f.name: _CHECKERS[str(f.type).removesuffix(" | None")]
-        for f in fields(cls)
-        if f.name != "id"
-    }
+    return {f.name: _CHECKERS[f.type.removesuffix(" | None")] for f in cls.FIELDS if f.name != "id"}
 
 
 def _required(cls: type[Message]) -> frozenset[str]:
-    return frozenset(
-        f.name
-        for f in fields(cls)
-        if f.name != "id" and f.default is MISSING and f.default_factory is MISSING
-    )
+    return frozenset(f.name for f in cls.FIELDS if f.name != "id" and f.default is NO_DEFAULT)
 
 
 _FIELDS: dict[type[Message], dict[str, _Checker]] = {cls: _schema(cls) for cls in ALL_MESSAGES}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
@@ -321,7 +320,7 @@ async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
         if resolved is None:
             # Never let the request's own PATH find a program the list allowed by name.
             raise RemoteError(ErrorCode.NOT_FOUND, f"no such program: {program}")
-        request = dataclasses.replace(request, argv=[resolved, *request.argv[1:]])
+        request = request.replace(argv=[resolved, *request.argv[1:]])
     if conn.execs >= config.max_execs_per_connection or server.execs >= config.max_execs:
         raise RemoteError(
             ErrorCode.BUSY,

@@ -10,7 +10,6 @@ request's outcome.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
 import time
@@ -440,7 +439,7 @@ def _audit_fields(request: Message) -> dict[str, Any]:
     """What a request asked for, for the audit log: never a body, never env values."""
     fields = {
         f.name: getattr(request, f.name)
-        for f in dataclasses.fields(request)
+        for f in request.FIELDS
         if f.name not in ("id", "body", "env") and getattr(request, f.name) is not None
     }
     if isinstance(request, Exec) and request.env:
