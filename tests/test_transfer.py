@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import itertools
 import os
+import signal
 import stat
 import subprocess
 import threading
@@ -1217,4 +1218,53 @@ async def test_get_interrupted_keeps_partial_then_resumes(
     assert result.resumed_from == kept
     assert result.sent == LARGE - kept
     assert digests(dest) == digests(agent.root / "large.bin")
+    assert partials(tmp_path) == []
+
+
+@pytest.mark.timeout(120)
+async def test_get_cut_by_the_agent_stopping_keeps_partial_then_resumes(tmp_path: Path) -> None:
+    """An agent stopped mid-get (SIGTERM, its grace period over) ends the get with
+    ``shutting_down``: an interruption like a cut connection, so the bytes so far
+    stay for --resume (docs/protocol.md §4.7, §5.3), as the agent keeps a put's.
+    The error frame reaches this client although it read slowly: the agent
+    sends what it queued before it exits."""
+    agent = start_agent(tmp_path, "--grace", "0.2")
+    size = 64 * MiB
+    write_random(agent.root / "large.bin", size)
+    dest = tmp_path / "dest.bin"
+    part = partial_path(str(dest))
+
+    stopped_at: list[float] = []
+
+    def slow_reader(path: str, done: int, total: int) -> None:
+        if done >= 8 * MiB and not stopped_at:
+            agent.proc.send_signal(signal.SIGTERM)  # once: a second one stops it at once
+            stopped_at.append(time.monotonic())
+        if not stopped_at or time.monotonic() < stopped_at[0] + 0.6:
+            # Blocks the client's loop: the get outlives the grace period.
+            # Then the client reads at full speed again, so what the agent
+            # still has to send, its error frame last, arrives before it exits.
+            time.sleep(0.05)
+
+    try:
+        async with connect(agent) as conn:
+            with pytest.raises(tether.RemoteError) as info:
+                await conn.get("large.bin", dest, progress=slow_reader)
+        assert info.value.code == "shutting_down"
+    finally:
+        assert agent.stop() == 0
+    check_clean_log(agent)
+    assert await eventually(lambda: unlocked(part), 30)
+    kept = os.path.getsize(part)
+    assert 8 * MiB <= kept < size
+    assert not dest.exists()
+
+    again = start_agent(tmp_path)  # the same root: tmp_path/agent/root
+    try:
+        async with connect(again) as conn:
+            result = await conn.get("large.bin", dest, resume=True)
+    finally:
+        again.stop()
+    assert result.resumed_from == kept
+    assert digests(dest) == digests(again.root / "large.bin")
     assert partials(tmp_path) == []

@@ -36,6 +36,9 @@ log = logging.getLogger("tether.server")
 
 PORT_ATTEMPTS = 20  # tries to find a free TCP+UDP port pair for --port 0
 IDLE_SWEEP_MAX = 5.0  # seconds between idle checks at the most (a quarter of the timeout if less)
+# Seconds a stopping agent waits for its last frames (output, exit, the
+# shutting_down errors) to reach clients that read slowly before it cuts them.
+DRAIN_TIMEOUT = 5.0
 
 
 @dataclass
@@ -216,6 +219,18 @@ class Server:
                 self._udp.append(udp)
                 self.addresses.append(f"udp {format_peer(udp.get_extra_info('sockname'))}")
 
+    async def _drain(self, timeout: float) -> None:
+        """Wait until every closing connection has sent what it had queued
+        (a connection is gone once its transport has flushed and closed), at
+        most ``timeout`` seconds; then cut the ones left. Exiting earlier
+        would drop the final frames of a client that reads slowly."""
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+
     def _close_listeners(self) -> None:
         for server in self._servers:
             server.close()
@@ -277,6 +292,7 @@ class Server:
             await asyncio.wait(list(self._tasks), timeout=KILL_GRACE + 2.0)
         for conn in list(self.connections):
             conn._close()
+        await self._drain(DRAIN_TIMEOUT)
         for server in servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)

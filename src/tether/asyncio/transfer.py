@@ -191,9 +191,13 @@ async def get_file(
             resumed_from=info.offset,
             restarted=have > 0 and info.offset == 0,
         )
-    except (ConnectionClosed, asyncio.CancelledError):
-        keep = True  # interrupted: the bytes so far stay for --resume
-        await partial.settle()  # and are all on disk, unlocked, when we return
+    except (ConnectionClosed, RemoteError, asyncio.CancelledError) as exc:
+        if not isinstance(exc, RemoteError) or exc.code == ErrorCode.SHUTTING_DOWN:
+            # Interrupted (by us, the network, or the agent stopping): the
+            # bytes so far stay for --resume, all on disk and unlocked when
+            # we return. Any other error frame is a failure of this get.
+            keep = True
+            await partial.settle()
         raise
     finally:
         if request_id is not None:
