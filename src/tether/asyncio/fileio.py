@@ -37,6 +37,7 @@ T = TypeVar("T")
 
 CHUNK_SIZE = 1024 * 1024  # 1 MiB of file per data frame
 PARTIAL_SUFFIX = ".tether-part"
+LOCK_ATTEMPTS = 3  # opens of a partial file that another process renamed away meanwhile
 
 _ERRNO_CODES = {
     errno.ENOENT: ErrorCode.NOT_FOUND,
@@ -97,6 +98,7 @@ class _ThreadedFile:
     """
 
     fd: int
+    shown: str  # the path as the user wrote it, for errors
     _closed = False
     _busy: asyncio.Future[Any] | None = None
 
@@ -109,6 +111,17 @@ class _ThreadedFile:
         # Shielded: cancelling the caller must not mark this future done
         # (cancelled) while the thread still uses the descriptor.
         return await asyncio.shield(future)
+
+    async def _hash_prefix(self, length: int) -> Any:
+        """A hasher fed the file's first ``length`` bytes.
+
+        Raises:
+            TransferError: the read failed (``io_error`` for EIO...).
+        """
+        try:
+            return await self._in_thread(_hash_range, self.fd, length)
+        except OSError as exc:
+            raise error_from_os(exc, self.shown) from None
 
     async def settle(self) -> None:
         """Wait for a thread still working on this file (after a cancellation)."""
@@ -157,7 +170,7 @@ class FileSource(_ThreadedFile):
     async def start_at(self, offset: int, prefix_digest: str | None) -> int:
         """Start after the first ``offset`` bytes if their digest matches; else at 0."""
         if 0 < offset <= self.meta.size and prefix_digest is not None:
-            hasher = await self._in_thread(_hash_range, self.fd, offset)
+            hasher = await self._hash_prefix(offset)
             if hasher.hexdigest() == prefix_digest:
                 self.hasher, self.pos = hasher, offset
         return self.pos
@@ -213,21 +226,22 @@ class PartialFile(_ThreadedFile):
         self.dest = dest
         self.shown = shown
         self.path = partial_path(dest)
-        try:
-            if os.path.isdir(dest) and not os.path.islink(dest):
-                raise TransferError(ErrorCode.IS_A_DIRECTORY, f"{shown}: is a directory")
-            self.fd = os.open(
-                self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-            )
-        except OSError as exc:
-            raise error_from_os(exc, shown) from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            raise TransferError(ErrorCode.IS_A_DIRECTORY, f"{shown}: is a directory")
+        for _ in range(LOCK_ATTEMPTS):
+            self.fd = self._open_locked()
+            # Another process (a second `tether cp` to the same file) may have
+            # renamed this very file over the destination between our open and
+            # our lock: then we hold the destination, not a partial file.
+            try:
+                same = _same_file(os.fstat(self.fd), os.lstat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(self.fd)
-            raise TransferError(
-                ErrorCode.BUSY, f"{shown}: another transfer is writing it"
-            ) from None
+        else:
+            raise TransferError(ErrorCode.BUSY, f"{shown}: another transfer is writing it")
         self.have = os.fstat(self.fd).st_size if resume else 0
         self.hasher = new_hasher()
         self.pos = 0
@@ -238,11 +252,11 @@ class PartialFile(_ThreadedFile):
         if self.have <= 0 or (size is not None and self.have > size):
             self.have = 0
             return 0, None
-        hasher = await self._in_thread(_hash_range, self.fd, self.have)
+        hasher = await self._hash_prefix(self.have)
         self._prefix_hasher = hasher
         return self.have, hasher.hexdigest()
 
-    def start_at(self, offset: int) -> None:
+    async def start_at(self, offset: int) -> None:
         """Continue after the verified prefix, or start over from 0.
 
         Raises:
@@ -255,7 +269,9 @@ class PartialFile(_ThreadedFile):
         else:
             raise TransferError(ErrorCode.BAD_REQUEST, f"cannot continue at offset {offset}")
         try:
-            os.ftruncate(self.fd, offset)
+            # In a thread: cutting a stale partial file of gigabytes frees
+            # its blocks, which can take seconds (ext4).
+            await self._in_thread(os.ftruncate, self.fd, offset)
         except OSError as exc:
             raise error_from_os(exc, self.shown) from None
         self.pos = offset
@@ -319,12 +335,41 @@ class PartialFile(_ThreadedFile):
         self._after_thread(self._discard_now)
 
     def _discard_now(self) -> None:
-        if not self.committed:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-        self.close()
+        if self.committed or self._closed:
+            self.close()
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # quick: the blocks are freed by the last close
+        self._closed = True
+        try:
+            # That close frees gigabytes of blocks for a large partial file,
+            # which can take seconds (ext4): not on the event loop.
+            asyncio.get_running_loop().run_in_executor(None, self._close_fd)
+        except RuntimeError:  # no loop, or it is shutting down its threads
+            self._close_fd()
 
     # close() (from _ThreadedFile) keeps the partial file for a later resume.
+
+    def _open_locked(self) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise error_from_os(exc, self.shown) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TransferError(
+                ErrorCode.BUSY, f"{self.shown}: another transfer is writing it"
+            ) from None
+        except OSError as exc:  # ENOLCK (NFS without locks) and the like
+            os.close(fd)
+            raise error_from_os(exc, self.shown) from None
+        return fd
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def replace_symlink(target: str, path: str) -> None:

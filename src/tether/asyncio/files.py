@@ -192,7 +192,7 @@ class PutReceiver:
             if not self.started:
                 if msg.offset is None:
                     raise RemoteError(ErrorCode.BAD_REQUEST, "put: the first data needs an offset")
-                self.partial.start_at(msg.offset)
+                await self.partial.start_at(msg.offset)
                 self.started = True
             elif msg.offset is not None and msg.offset != self.partial.pos:
                 raise RemoteError(ErrorCode.BAD_REQUEST, f"put: data out of order at {msg.offset}")

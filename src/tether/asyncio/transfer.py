@@ -169,7 +169,7 @@ async def get_file(
                 ErrorCode.BAD_REQUEST,
                 f"{remote}: the agent hashes with {info.hash!r}, not {HASH_NAME}",
             )
-        partial.start_at(info.offset)
+        await partial.start_at(info.offset)
         ticker = _Ticker(progress, remote, info.size)
         ticker.update(info.offset)
         while isinstance(msg := await _reply(conn, queue), Data):
