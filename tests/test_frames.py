@@ -301,6 +301,20 @@ def test_bad_body_len(body_len: Any) -> None:
     assert str(exc) == "frame header 'body_len' is not an integer >= 0"
 
 
+def test_null_body_len_is_an_absent_one() -> None:
+    """§2.2: a field set to null is treated exactly as if it were absent."""
+    decoder = FrameDecoder()
+    data = raw_frame(b'{"op":"x","id":1,"body_len":null}') + encode_frame(
+        {"op": "y", "id": 2}, b"after"
+    )
+    decoder.receive_data(data)
+    frames = list(decoder.frames())
+    assert [(f.op, f.header, f.body) for f in frames] == [
+        ("x", {"op": "x", "id": 1}, b""),
+        ("y", {"op": "y", "id": 2, "body_len": 5}, b"after"),
+    ]
+
+
 def test_explicit_zero_body_len_is_an_empty_body() -> None:
     (frame,) = decode_all(json_frame({"op": "x", "id": 1, "body_len": 0}))
     assert frame.body == b""

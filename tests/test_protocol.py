@@ -376,6 +376,27 @@ def test_hello_with_a_body_fails_the_connection() -> None:
     assert_failed(server, events, "bad_request", "hello: takes no body")
 
 
+@pytest.mark.parametrize(("op", "code"), [("hello", "bad_request"), ("echo", "unauthenticated")])
+def test_a_first_frame_declaring_a_body_fails_from_its_header_alone(op: str, code: str) -> None:
+    """Nothing of its body is awaited or allocated: a client that has not
+    authenticated cannot make the agent hold 16 MiB with a 41-byte header."""
+    server = ServerProtocol()
+    header = {"op": op, "id": 0, "version": PROTOCOL_VERSION, "token": TOKEN}
+    frame = raw({**header, "body_len": 16 * 1024 * 1024})  # a head and no body
+    events = feed(server, frame)
+    assert_failed(server, events, code)
+    assert server._decoder._body is None  # no 16 MiB buffer was made
+
+
+def test_frames_behind_the_first_may_carry_bodies() -> None:
+    server = ServerProtocol()
+    body = b"b" * (64 * 1024)  # received into a buffer of its own
+    events = feed(server, wire(Hello(0, PROTOCOL_VERSION, TOKEN)) + wire(Echo(1, body)))
+    assert events == [HelloReceived(Hello(0, PROTOCOL_VERSION, TOKEN))]
+    server.accept_hello(REPLY)
+    assert server.events_received() == [RequestReceived(Echo(1, body))]
+
+
 def test_second_hello_is_a_protocol_error() -> None:
     server = open_server()
     events = feed(server, wire(Hello(0, PROTOCOL_VERSION, TOKEN)))

@@ -650,6 +650,26 @@ def test_any_op_before_hello_is_unauthenticated(shared: Agent, name: str) -> Non
     assert_not_created(marker)
 
 
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        ({"op": "hello", "id": 0, "version": PROTOCOL_VERSION, "token": "x"}, "bad_request"),
+        ({"op": "echo", "id": 1}, "unauthenticated"),
+    ],
+)
+def test_a_first_frame_declaring_a_body_is_refused_before_its_body(
+    shared: Agent, header: dict[str, Any], code: str
+) -> None:
+    """A header of a few dozen bytes declaring 16 MiB, and nothing after it: the
+    agent refuses it at once, from the header, instead of allocating 16 MiB for
+    a client that has not authenticated and waiting for the body until its
+    hello timeout (10 s here; IO_TIMEOUT is 5 s)."""
+    raw_header = json.dumps({**header, "body_len": 16 * 1024 * 1024}).encode()
+    with RawClient(tcp_address(shared)) as raw:
+        raw.send_raw_header(raw_header)
+        assert_connection_error(raw.read_to_eof(), code)
+
+
 def test_hello_after_a_request_does_not_help(shared: Agent) -> None:
     marker = shared.root / "MARKER-late-hello"
     with RawClient(tcp_address(shared)) as raw:

@@ -299,6 +299,34 @@ def check_progress(calls: list[ProgressCall], size: int) -> None:
     assert len(calls) >= size / MiB - 1
 
 
+async def test_idle_connections_keep_no_data_buffers_after_transfers(tmp_path: Path) -> None:
+    """Both ends reuse the megabyte buffers of received data frames during a
+    transfer; once it is over, neither keeps them: an idle connection (held open
+    by keepalives, maybe for days) holds no data buffers on either end."""
+    root = tmp_path / "root"
+    root.mkdir()
+    socket_path = tmp_path / "agent.sock"
+    server = tether.Server(
+        tether.ServerConfig(
+            token="t0ken", tcp=False, udp=False, unix_path=str(socket_path), root=root
+        )
+    )
+    await server.start()
+    try:
+        local = tmp_path / "local.bin"
+        write_random(local, 5 * MiB)
+        async with tether.connect(f"unix:{socket_path}", token="t0ken") as conn:
+            await conn.put(local, "remote.bin")
+            (agent_side,) = server.connections
+            assert agent_side.protocol._decoder._spare is None
+            await conn.get("remote.bin", tmp_path / "back.bin")
+            assert conn._wire.protocol._decoder._spare is None
+            assert await conn.echo(b"still open") == b"still open"
+        assert digests(tmp_path / "back.bin") == digests(local)
+    finally:
+        await server.close()
+
+
 @pytest.mark.parametrize("size", [33 * MiB + 7, 3 * MiB])
 async def test_progress_per_mib_and_once_at_the_end(
     agent: Agent, tmp_path: Path, size: int

@@ -161,7 +161,10 @@ def parse_header(raw: bytes | bytearray | memoryview, limits: Limits) -> dict[st
     ident = header.get("id")
     if type(ident) is not int or ident < 0:
         raise ProtocolError("frame header has no integer 'id' >= 0")
-    body_len = header.get("body_len", 0)
+    body_len = header.get("body_len")
+    if body_len is None:  # absent, or null, which counts as absent (§2.2)
+        header.pop("body_len", None)
+        body_len = 0
     if type(body_len) is not int or body_len < 0:
         raise ProtocolError("frame header 'body_len' is not an integer >= 0")
     if body_len > limits.max_body:
@@ -221,6 +224,9 @@ class FrameDecoder:
         # 13 times the memory (an agent may hold 10,000 idle connections).
         self._ready: list[tuple[Frame, int]] = []
         self._error: ProtocolError | None = None
+        # Called with each header before any of its body is buffered; raising
+        # ProtocolError refuses the frame there (the agent's first frame).
+        self.check_header: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def buffered(self) -> int:
@@ -320,6 +326,11 @@ class FrameDecoder:
             if len(self._spare) < self.SPARE_BODIES:
                 self._spare.append(body)
 
+    def drop_spare_bodies(self) -> None:
+        """Let go of the buffers given back with :meth:`reuse_body` (a transfer
+        ended): an idle connection holds none."""
+        self._spare = None
+
     def _new_body(self, size: int) -> bytearray:
         spare = self._spare
         if spare:
@@ -348,6 +359,8 @@ class FrameDecoder:
                 begin = start + PREFIX_LEN
                 # Slicing copies, which for a header costs less than a memoryview.
                 header = parse_header(scratch[begin : begin + header_len], self.limits)
+                if self.check_header is not None:
+                    self.check_header(header)
                 self._header, self._body_len = header, header.get("body_len", 0)
                 self._frame_len = PREFIX_LEN + header_len + self._body_len
                 self._start = start = begin + header_len

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from .codec import (
     decode_client_message,
@@ -203,6 +204,10 @@ class _Base:
         (see :meth:`FrameDecoder.reuse_body`)."""
         self._decoder.reuse_body(body)
 
+    def drop_spare_bodies(self) -> None:
+        """A transfer ended: the buffers kept for reuse go (an idle connection holds none)."""
+        self._decoder.drop_spare_bodies()
+
     def _handle_frames(self) -> None:
         if self._waiting:
             return
@@ -217,8 +222,8 @@ class _Base:
                     return
         except FrameTooLarge as exc:
             self._fail(ErrorCode.TOO_LARGE, str(exc))
-        except ProtocolError as exc:
-            self._fail(ErrorCode.BAD_FRAME, str(exc))
+        except ProtocolError as exc:  # bad_frame, or the first frame refused from its header
+            self._fail(exc.code, str(exc))
         except Exception as exc:  # a decoding path we did not foresee: still never raise
             self._fail(ErrorCode.BAD_FRAME, f"malformed frame ({type(exc).__name__})")
 
@@ -236,6 +241,7 @@ class ServerProtocol(_Base):
         # keepalive, a latency probe): when this is set, it is answered here,
         # with no event for it. The agent sets it while it takes requests.
         self.answer_echo = False
+        self._decoder.check_header = self._check_first_header
 
     @property
     def active_requests(self) -> frozenset[int]:
@@ -306,6 +312,17 @@ class ServerProtocol(_Base):
             self._events.append(ControlReceived(msg))
         # else: a control frame for a request that has just finished raced
         # with its last frame; it is dropped, not an error (docs/protocol.md §4.3).
+
+    def _check_first_header(self, header: dict[str, Any]) -> None:
+        """Refuse a first frame from its header alone when it cannot be a good
+        hello: its body is then never buffered. A 41-byte header declaring
+        16 MiB would otherwise have the agent allocate 16 MiB for a client
+        that has not authenticated, until its hello timeout."""
+        self._decoder.check_header = None  # the first frame only
+        if header["op"] != "hello":
+            raise ProtocolError("the first frame must be hello", code=ErrorCode.UNAUTHENTICATED)
+        if header.get("body_len", 0) > 0:
+            raise ProtocolError("hello: takes no body", code=ErrorCode.BAD_REQUEST)
 
     def _handle_hello(self, frame: Frame) -> None:
         # Nothing but hello is even decoded before authentication.

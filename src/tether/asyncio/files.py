@@ -229,6 +229,7 @@ async def handle_put(conn: ServerConnection, request: Put) -> Message:
     finally:
         conn.note(request.id, bytes=max(partial.pos - offset, 0))
         conn.release_input(receiver)
+        conn.protocol.drop_spare_bodies()  # an idle connection holds no data buffers
         if keep:
             partial.close()
         else:

@@ -202,6 +202,7 @@ async def get_file(
     finally:
         if request_id is not None:
             _cancel(conn, request_id)
+        conn._wire.protocol.drop_spare_bodies()  # an idle connection holds no data buffers
         if keep:
             partial.close()
         else:
