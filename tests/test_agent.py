@@ -482,10 +482,17 @@ async def test_truncated_frame_then_close(
                 raw.hello(a.token)
             raw.send(TRUNCATED[part])
             raw.shutdown_write()
-            # Nothing to answer (the frame never ended); the agent just closes.
-            assert raw.read_to_eof() == []
+            answer = [(f.op, f.header.get("code")) for f in raw.read_to_eof()]
         log = wait_for_log(a, f"{peer}: disconnected", log_start)
-        assert "closing connection" not in log  # a plain end of input, not a violation
+        if part == "body" and not after_hello:
+            # Its header is whole and not a hello: refused from the header
+            # alone, before its body (docs/protocol.md §4.1).
+            assert answer == [("error", "unauthenticated")]
+            assert f"{peer}: closing connection: unauthenticated" in log
+        else:
+            # Nothing to answer (the frame never ended); the agent just closes.
+            assert answer == []
+            assert "closing connection" not in log  # a plain end of input, not a violation
         assert "Traceback" not in log
         assert await other.echo("after") == "after"
     # And a brand-new client is served as usual.
