@@ -301,6 +301,26 @@ def test_bad_body_len(body_len: Any) -> None:
     assert str(exc) == "frame header 'body_len' is not an integer >= 0"
 
 
+def test_hold_stops_at_a_frame_boundary_until_release() -> None:
+    """Whatever arrives while held stays bytes (the scratch grows if it must,
+    for receive_data), and release() parses it as if it had just arrived."""
+    decoder = FrameDecoder()
+    frames_in = [
+        encode_frame({"op": "f", "id": i}, bytes([i % 256]) * (i * 100)) for i in range(300)
+    ]
+
+    def hold_after_the_first(header: dict[str, Any]) -> None:
+        decoder.check_header = None
+        decoder.hold = True
+
+    decoder.check_header = hold_after_the_first
+    decoder.receive_data(b"".join(frames_in))  # about 4.5 MB: more than the scratch
+    assert [f.id for f in decoder.frames()] == [0]
+    decoder.release()
+    assert [f.id for f in decoder.frames()] == list(range(1, 300))
+    assert decoder.buffered == 0
+
+
 def test_null_body_len_is_an_absent_one() -> None:
     """§2.2: a field set to null is treated exactly as if it were absent."""
     decoder = FrameDecoder()

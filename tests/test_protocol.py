@@ -397,6 +397,21 @@ def test_frames_behind_the_first_may_carry_bodies() -> None:
     assert server.events_received() == [RequestReceived(Echo(1, body))]
 
 
+def test_frames_behind_an_undecided_hello_stay_unparsed_bytes() -> None:
+    """A request pipelined behind the hello declaring 16 MiB: no buffer is made
+    for its body until the hello is accepted (a refused one never gets one)."""
+    server = ServerProtocol()
+    big = 16 * 1024 * 1024
+    head = raw({"op": "echo", "id": 1, "body_len": big})
+    events = feed(server, wire(Hello(0, PROTOCOL_VERSION, TOKEN)) + head + b"0123456789")
+    assert events == [HelloReceived(Hello(0, PROTOCOL_VERSION, TOKEN))]
+    assert server._decoder._body is None
+    server.accept_hello(REPLY)
+    assert server._decoder._body is not None  # authenticated: received in place now
+    events = feed(server, b"x" * (big - 10))
+    assert events == [RequestReceived(Echo(1, b"0123456789" + b"x" * (big - 10)))]
+
+
 def test_second_hello_is_a_protocol_error() -> None:
     server = open_server()
     events = feed(server, wire(Hello(0, PROTOCOL_VERSION, TOKEN)))

@@ -227,6 +227,10 @@ class FrameDecoder:
         # Called with each header before any of its body is buffered; raising
         # ProtocolError refuses the frame there (the agent's first frame).
         self.check_header: Callable[[dict[str, Any]], None] | None = None
+        # While set, parsing stops at the next frame boundary and what follows
+        # stays unparsed bytes until release() (frames behind a hello not yet
+        # decided: no body buffer is made for them before that).
+        self.hold = False
 
     @property
     def buffered(self) -> int:
@@ -273,6 +277,15 @@ class FrameDecoder:
                 self._emit(self._body)
             return
         self._end += nbytes
+        self._parse_scratch()
+
+    def release(self) -> None:
+        """Clear :attr:`hold` and parse what arrived meanwhile; never raises."""
+        self.hold = False
+        if self._error is None and self._body is None and self._scratch is not None:
+            self._parse_scratch()
+
+    def _parse_scratch(self) -> None:
         try:
             self._parse()
         except ProtocolError as exc:
@@ -346,7 +359,7 @@ class FrameDecoder:
         while True:
             start, available = self._start, self._end - self._start
             if self._header is None:
-                if available < PREFIX_LEN:
+                if available < PREFIX_LEN or self.hold:
                     return
                 (header_len,) = _PREFIX.unpack_from(scratch, start)
                 if header_len > self.limits.max_header:
@@ -401,9 +414,13 @@ class FrameDecoder:
             self._borrowed = False
 
     def _make_room(self) -> None:
-        """Move a partial frame to the front of a full scratch buffer."""
+        """Move a partial frame to the front of a full scratch buffer (or, when
+        it is all bytes held unparsed, give it more room)."""
         assert self._scratch is not None
         left = self._end - self._start
+        if left == len(self._scratch):
+            self._reserve(left + self.SCRATCH_SIZE)
+            return
         self._scratch[:left] = self._scratch[self._start : self._end]
         self._start, self._end = 0, left
 

@@ -253,6 +253,7 @@ class ServerProtocol(_Base):
             self.send(reply)
             self.state = _OPEN
             self._waiting = False
+            self._decoder.release()
             self._handle_frames()  # requests pipelined behind the hello
 
     def reject_hello(self, code: str, message: str) -> None:
@@ -323,6 +324,9 @@ class ServerProtocol(_Base):
             raise ProtocolError("the first frame must be hello", code=ErrorCode.UNAUTHENTICATED)
         if header.get("body_len", 0) > 0:
             raise ProtocolError("hello: takes no body", code=ErrorCode.BAD_REQUEST)
+        # The frames behind it stay unparsed bytes until the hello is accepted
+        # (accept_hello): not even their bodies' buffers are made before that.
+        self._decoder.hold = True
 
     def _handle_hello(self, frame: Frame) -> None:
         # Nothing but hello is even decoded before authentication.
