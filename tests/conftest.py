@@ -75,14 +75,22 @@ class Agent:
         return self.proc.wait(timeout)
 
 
-def start_agent(tmp: Path, *args: str, name: str = "agent", unix: bool = False) -> Agent:
-    """Start ``tether serve`` with its own state dir and root under ``tmp``."""
+def start_agent(
+    tmp: Path,
+    *args: str,
+    name: str = "agent",
+    unix: bool = False,
+    launcher: Sequence[str] = (),
+) -> Agent:
+    """Start ``tether serve`` with its own state dir and root under ``tmp``,
+    through ``launcher`` (a command that runs the rest, such as setpriv) if given."""
     base = tmp / name
     root = base / "root"
     state = base / "state"
     root.mkdir(parents=True, exist_ok=True)
     log_path = base / "agent.log"
-    cmd = [sys.executable, "-m", "tether", "serve", "--state-dir", str(state), "--root", str(root)]
+    cmd = [*launcher, sys.executable, "-m", "tether", "serve"]
+    cmd += ["--state-dir", str(state), "--root", str(root)]
     if "--port" not in args:
         cmd += ["--port", "0"]
     if unix:

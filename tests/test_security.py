@@ -391,6 +391,23 @@ async def test_trust_on_first_use_can_be_refused(tmp_path: Path) -> None:
         assert kh.read_text() == f"{a.host} {printed_fingerprint(a)}\n"
 
 
+def test_a_first_connection_that_fails_its_hello_pins_nothing(tmp_path: Path) -> None:
+    """The pin is recorded by the first connection that succeeds, which says so:
+    one refused for its token must not pin silently, or the user would never
+    be shown the fingerprint to compare."""
+    kh = tmp_path / "client" / "known_hosts"
+    options = ["--known-hosts", str(kh)]
+    with running(tmp_path) as a:
+        refused = Cli.run(["echo", a.host, "hi", *options], env={**a.env, "TETHER_TOKEN": "wrong"})
+        assert refused.returncode == 255
+        assert b"pinned" not in refused.stderr
+        assert not kh.exists() or kh.read_text() == ""
+        pinned = Cli.run(["echo", a.host, "hi", *options], env=a.env)
+        assert pinned.returncode == 0, pinned.stderr
+        assert f"pinned {a.host} to certificate {printed_fingerprint(a)}" in pinned.stderr.decode()
+        assert kh.read_text() == f"{a.host} {printed_fingerprint(a)}\n"
+
+
 async def test_cacert(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     ca = make_cert(pki, "test-ca", ca=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .exceptions import UsageError
 from .limits import DEFAULT_PORT
 
-__all__ = ["Address", "parse_address"]
+__all__ = ["Address", "check_host_name", "parse_address"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,25 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
     host, sep, port = text.partition(":")
     if not host:
         raise UsageError(f"no host name in {original!r}")
-    return Address(host=host, port=_parse_port(port, original) if sep else default_port)
+    return Address(
+        host=check_host_name(host, original),
+        port=_parse_port(port, original) if sep else default_port,
+    )
+
+
+def check_host_name(host: str, original: str | None = None) -> str:
+    """``host``, if the resolver will take it.
+
+    Raises:
+        UsageError: a name the IDNA codec refuses (an empty label as in
+            ``web1..lan`` or ``.web1``, a label over 63 characters): one
+            clear line here rather than a ``UnicodeError`` from the resolver.
+    """
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise UsageError(f"bad host name in {original or host!r}") from None
+    return host
 
 
 @dataclass(frozen=True, slots=True)

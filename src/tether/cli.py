@@ -55,20 +55,43 @@ def run_main(main: Callable[[], Coroutine[Any, Any, int]], *, teardown: bool = F
         fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as exc:  # our own output failed (`| head`, a full disk), most likely
+        code = _local_failure(exc)
     if not teardown:
         _exit_now(code)
     sys.exit(code)
 
 
+def _local_failure(exc: OSError, what: str | None = None) -> int:
+    """The exit code for a local error (writing our stdout, mostly), said in
+    one line if at all.
+
+    Our reader went away (EPIPE, ``| head``): quietly 141, as a process killed
+    by SIGPIPE. Anything else (ENOSPC on a full disk or /dev/full): 255.
+    Later writes to stdout go to /dev/null, so the exit does not fail on them.
+    """
+    _silence_stdout()
+    if isinstance(exc, BrokenPipeError):
+        return EXIT_SIGPIPE
+    where = what or exc.filename
+    prefix = f"{where}: " if where else ""
+    click.echo(f"tether: {prefix}{exc.strerror or exc}", err=True)
+    return EXIT_FAILURE
+
+
 def _exit_now(code: int) -> None:
-    """``os._exit(code)`` once stdout and stderr are flushed; returns (for the
-    usual exit and its report) if they cannot be."""
-    try:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:  # None: the descriptor was closed when we started
-                stream.flush()
-    except (OSError, ValueError):
-        return
+    """``os._exit(code)`` once stdout and stderr are flushed (the code of
+    :func:`_local_failure` if stdout cannot be)."""
+    if sys.stdout is not None:  # None: the descriptor was closed when we started
+        try:
+            sys.stdout.flush()
+        except ValueError:  # closed meanwhile: nothing to flush
+            pass
+        except OSError as exc:
+            code = _local_failure(exc, "cannot write the output")
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
     # An exit status is 8 bits: what the kernel would keep of a larger code
     # (only a broken agent reports one), where os._exit would raise instead.
     os._exit(code & 0xFF)
@@ -278,9 +301,11 @@ async def _exec(
             return EXIT_SIGPIPE
         except tether.RemoteError as exc:
             click.echo(f"tether: {exc.message}", err=True)
-            return {"not_found": EXIT_NOT_FOUND, "permission_denied": EXIT_CANNOT_RUN}.get(
-                exc.code, EXIT_FAILURE
-            )
+            return {
+                "not_found": EXIT_NOT_FOUND,
+                "permission_denied": EXIT_CANNOT_RUN,
+                "exec_failed": EXIT_CANNOT_RUN,  # found, but not runnable (ENOEXEC...), as a shell
+            }.get(exc.code, EXIT_FAILURE)
         finally:
             if feeder is not None:
                 feeder.cancel()
@@ -316,17 +341,28 @@ async def _forward_stdin(proc: tether.RemoteProcess) -> None:
 
 def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes]) -> None:
     import asyncio
+    import concurrent.futures
+    import select
 
     fd = sys.stdin.fileno()
     while True:
         try:
             chunk = os.read(fd, STDIN_CHUNK)
+        except BlockingIOError:
+            # Whoever started us left stdin non-blocking: wait for input, as
+            # ssh does, rather than take "no input yet" for its end.
+            select.select([fd], [], [])
+            continue
         except OSError:
-            chunk = b""
+            chunk = b""  # EIO (the terminal went away) and the like: the end
+        put = queue.put(chunk)
         try:
-            asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
-        except (RuntimeError, asyncio.CancelledError):
-            return  # the loop is gone: the command has ended
+            asyncio.run_coroutine_threadsafe(put, loop).result()
+        except RuntimeError:  # the loop is closed: the command has ended
+            put.close()  # never scheduled: not a "coroutine was never awaited"
+            return
+        except concurrent.futures.CancelledError:  # the loop ended it on its way out
+            return
         if not chunk:
             return
 

@@ -172,6 +172,7 @@ def serve(
     from pathlib import Path
 
     import tether
+    from tether.addresses import check_host_name
     from tether.tokens import read_token_file
 
     logging.basicConfig(
@@ -181,6 +182,11 @@ def serve(
     )
     if no_tcp and not unix_path:
         fail("--no-tcp needs --unix: there would be nothing to listen on", 2)
+    try:
+        for host in hosts:
+            check_host_name(host, f"--host {host}")
+    except tether.UsageError as exc:
+        fail(str(exc), 2)
     try:
         if token_file:
             token = read_token_file(token_file)

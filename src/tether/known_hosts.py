@@ -83,6 +83,10 @@ def lookup_known_host(path: str | os.PathLike[str], host: str) -> KnownHost | No
 def add_known_host(path: str | os.PathLike[str], host: str, print_: str) -> None:
     """Pin ``host`` to fingerprint ``print_`` (appending a line; the file is 0600)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(f"{host} {print_}\n")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "r+b") as f:
+        size = os.fstat(fd).st_size
+        # A file edited by hand may lack its final newline: the pin must
+        # start a line of its own, not extend the last one.
+        ends_a_line = size == 0 or os.pread(fd, 1, size - 1) == b"\n"
+        f.write(("" if ends_a_line else "\n").encode() + f"{host} {print_}\n".encode())

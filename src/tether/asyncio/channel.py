@@ -51,6 +51,8 @@ class Channel(asyncio.BufferedProtocol):
         # Kept: every request makes a future on it.
         self.loop = loop = asyncio.get_running_loop()
         self.hello: asyncio.Future[HelloReply] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()  # set by connection_lost
+        self.closing = False  # our side closes it (Connection.close)
         self.queues: dict[int, asyncio.Queue[Message | Closed]] = {}
         # Requests answered by exactly one frame (echo, stat...): a future is
         # a good deal cheaper than a queue on the busiest path there is.
@@ -141,6 +143,11 @@ class Channel(asyncio.BufferedProtocol):
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self.closing:
+            self._fail(ConnectionClosed("the connection was closed"))
+            return
         reason = f": {exc}" if exc else ""
         self._fail(ConnectionClosed(f"connection closed by the agent{reason}"))
 

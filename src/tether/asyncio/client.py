@@ -7,6 +7,7 @@ bytes and routes the replies.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from ..messages import (
     SIGNAL_NAMES,
     Cancel,
     Error,
+    ErrorCode,
     Exec,
     Exit,
     HelloReply,
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
     from .transfer import RemoteStat
 
 __all__ = ["CommandResult", "Connection", "ExitStatus", "Output", "RemoteProcess"]
+
+CLOSE_TIMEOUT = 5.0  # seconds close() lets queued frames reach the agent before cutting
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,10 @@ class RemoteProcess:
         self.id = request_id
         self._queue = queue
         self.exit_status: ExitStatus | None = None
+        # How it ended, if not with an exit status: raised again by every later
+        # iteration or wait(), which would otherwise wait for a frame that
+        # will never come.
+        self._failure: Exception | None = None
 
     def __aiter__(self) -> AsyncIterator[Output]:
         return self
@@ -118,25 +126,33 @@ class RemoteProcess:
     async def __anext__(self) -> Output:
         if self.exit_status is not None:
             raise StopAsyncIteration
+        if self._failure is not None:
+            raise self._failure
         while True:
+            if self.finished and self._queue.empty():
+                self._failure = RemoteError(ErrorCode.CANCELLED, "the command was abandoned")
+                raise self._failure
             msg = await self._queue.get()
             if isinstance(msg, Closed):
                 self._forget()
+                self._failure = msg.error
                 raise msg.error
             self._wire.consumed(msg)
             if isinstance(msg, Stdout):
                 return Output("stdout", bytes(msg.body))
             if isinstance(msg, Stderr):
                 return Output("stderr", bytes(msg.body))
+            self._forget()
             if isinstance(msg, Exit):
-                self._forget()
                 self.exit_status = ExitStatus(
                     msg.status, msg.signal, msg.signal_name, msg.timed_out
                 )
                 raise StopAsyncIteration
             if isinstance(msg, Error):
-                self._forget()
-                raise RemoteError(msg.code, msg.message)
+                self._failure = RemoteError(msg.code, msg.message)
+            else:  # only a broken agent answers an exec with anything else
+                self._failure = ProtocolError(f"exec answered with {msg.OP}")
+            raise self._failure
 
     def _forget(self) -> None:
         self._wire.forget(self.id)
@@ -154,7 +170,7 @@ class RemoteProcess:
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` to the command's stdin (in frames of at most max_body)."""
-        view = memoryview(data)
+        view = memoryview(data).cast("B")  # counted in bytes, whatever its items
         step = self._conn.max_body
         for start in range(0, len(view), step):
             if self.finished:
@@ -228,20 +244,37 @@ class Connection:
         await self.close()
 
     async def _keep_alive(self, interval: float) -> None:
-        while self._wire.error is None:
+        wire = self._wire
+        while wire.error is None:
             await asyncio.sleep(interval)
             try:
-                await self.echo(b"")
+                # Sent, not awaited: the agent only needs to hear from us, and
+                # the answer may wait behind output nobody has read yet (reading
+                # paused); it is dropped when it comes, as no request waits.
+                wire.send_echo(wire.protocol.new_request_id(), b"")
             except TetherError:
                 return  # the connection is over; its users see why
 
     async def close(self) -> None:
-        """Close the connection; the agent ends any command still running."""
+        """Close the connection; the agent ends any command still running.
+
+        What is still queued for the agent is sent first, for at most
+        ``CLOSE_TIMEOUT`` seconds (an agent that does not read it, for a
+        program that does not read its stdin, would hold it forever); then
+        the connection is cut.
+        """
         if self._keepalive is not None:
             self._keepalive.cancel()
-        transport = self._wire.transport
+        wire = self._wire
+        wire.closing = True
+        transport = wire.transport
         if transport is not None and not transport.is_closing():
             transport.close()
+        if transport is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT)
+            except builtins.TimeoutError:
+                transport.abort()
         await asyncio.sleep(0)
 
     def _open(self, msg_factory: Any) -> tuple[int, asyncio.Queue[Message | Closed]]:
@@ -419,8 +452,15 @@ class Connection:
                 i, argv=argv_list, shell=shell, cwd=cwd, env=env_dict, timeout=timeout, stdin=stdin
             )
         )
-        await self._wire.drain()
-        return RemoteProcess(self, request_id, queue)
+        proc = RemoteProcess(self, request_id, queue)
+        try:
+            await self._wire.drain()
+        except BaseException:
+            # Cancelled (or the connection failed) before the caller has the
+            # process: nobody would end it, nor read its output.
+            proc.abandon()
+            raise
+        return proc
 
     async def run(
         self,

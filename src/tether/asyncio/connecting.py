@@ -11,9 +11,9 @@ import asyncio
 import builtins
 import os
 import ssl
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..addresses import Address, parse_address
 from ..exceptions import (
@@ -39,6 +39,8 @@ from .channel import Channel
 from .client import Connection
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "Connecting", "connect"]
+
+T = TypeVar("T")
 
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds for TCP connect plus hello
 
@@ -153,10 +155,11 @@ async def _open_connection(
                     ssl=ctx,
                     server_hostname=address.host if trust.cacert is not None else None,
                 )
+            pin_into: str | None = None
             if use_tls:
                 seen = _peer_fingerprint(wire)
                 if pinned is not None or trust.cacert is None:  # a pin holds even with a CA
-                    new_host = _check_pin(address, seen, pinned, trust)
+                    pin_into = _check_pin(address, seen, pinned, trust)
             wire.protocol.send_hello(secret)  # only now: the agent is who we think
             wire.flush()
             try:
@@ -168,6 +171,14 @@ async def _open_connection(
                     f"cannot connect to {address}: no tether hello came back ({exc}); "
                     "if the agent uses TLS (the default), drop --insecure-plaintext"
                 ) from None
+            if pin_into is not None:
+                # Pinned once the agent has accepted us, so that the connection
+                # that pins is one that succeeds (and the CLI says so): after a
+                # refused hello, or against something that is no tether agent,
+                # the next attempt is still a first use.
+                assert seen is not None
+                _known_hosts_io(pin_into, add_known_host, pin_into, str(address), seen)
+                new_host = True
     except TetherError:
         _abort(wire)
         raise
@@ -192,6 +203,9 @@ async def _open_connection(
         _abort(wire)
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise ConnectError(f"cannot connect to {address}: {reason}") from None
+    except BaseException:  # cancelled from outside: no half-open connection is left
+        _abort(wire)
+        raise
     return Connection(wire, address, hello, fingerprint=seen, new_host=new_host)
 
 
@@ -204,11 +218,12 @@ def _peer_fingerprint(wire: Channel) -> str:
     return fingerprint(der)
 
 
-def _check_pin(address: Address, seen: str, pinned: str | None, trust: _Trust) -> bool:
-    """Compare the agent's certificate with its pin; pin it on first use.
+def _check_pin(address: Address, seen: str, pinned: str | None, trust: _Trust) -> str | None:
+    """Compare the agent's certificate with its pin.
 
     Returns:
-        Whether the host was unknown and has just been pinned.
+        The known-hosts file to pin it in once the hello succeeds (an unknown
+        host, trust on first use), else None.
 
     Raises:
         CertificateError: a mismatch, or an unknown host without trust on first use.
@@ -219,9 +234,9 @@ def _check_pin(address: Address, seen: str, pinned: str | None, trust: _Trust) -
                 f"the agent at {address} presented certificate {seen}, "
                 f"not {pinned} as --fingerprint requires: refusing to send the token"
             )
-        return False
+        return None
     path = os.fspath(trust.known_hosts) if trust.known_hosts is not None else default_known_hosts()
-    known = lookup_known_host(path, str(address))
+    known = _known_hosts_io(path, lookup_known_host, path, str(address))
     if known is not None:
         if known.fingerprint != seen:
             raise CertificateError(
@@ -231,7 +246,7 @@ def _check_pin(address: Address, seen: str, pinned: str | None, trust: _Trust) -
                 f"Expected {known.fingerprint}, got {seen}.\n"
                 f"If the change is expected, remove line {known.line} of {path} and connect again."
             )
-        return False
+        return None
     if not trust.trust_on_first_use:
         error = CertificateError(
             f"{address} is not in {path} (its certificate is {seen}); "
@@ -239,8 +254,20 @@ def _check_pin(address: Address, seen: str, pinned: str | None, trust: _Trust) -
         )
         error.code = "unknown_host"
         raise error
-    add_known_host(path, str(address), seen)
-    return True
+    return path
+
+
+def _known_hosts_io(path: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, reading or writing the known-hosts file at ``path``.
+
+    Raises:
+        UsageError: the file cannot be read or written (a directory, no
+            permission...): about that file, not a failed connection.
+    """
+    try:
+        return fn(*args)
+    except OSError as exc:
+        raise UsageError(f"known hosts file {path}: {exc.strerror or exc}") from None
 
 
 def _abort(wire: Channel | None) -> None:

@@ -115,13 +115,19 @@ class ExecRunner:
             transport = await spawn(
                 _ChildProtocol(self), argv, stdin=self.request.stdin, cwd=self.cwd, env=self.env
             )
-        except FileNotFoundError:
-            raise RemoteError(ErrorCode.NOT_FOUND, f"no such program: {argv[0]}") from None
-        except PermissionError:
-            raise RemoteError(
-                ErrorCode.PERMISSION_DENIED, f"permission denied: {argv[0]}"
-            ) from None
         except OSError as exc:
+            if exc.filename is not None and exc.filename == self.cwd:
+                # The child could not enter the directory: not the program's fault.
+                raise RemoteError(
+                    ErrorCode.EXEC_FAILED,
+                    f"cannot enter {self.request.cwd or '.'}: {exc.strerror}",
+                ) from None
+            if isinstance(exc, FileNotFoundError):
+                raise RemoteError(ErrorCode.NOT_FOUND, f"no such program: {argv[0]}") from None
+            if isinstance(exc, PermissionError):
+                raise RemoteError(
+                    ErrorCode.PERMISSION_DENIED, f"permission denied: {argv[0]}"
+                ) from None
             raise RemoteError(
                 ErrorCode.EXEC_FAILED, f"cannot run {argv[0]}: {exc.strerror}"
             ) from None

@@ -1,0 +1,161 @@
+"""The client API when requests end badly, are cancelled, or are never read:
+nothing hangs, nothing leaks, and errors say what happened.
+
+A real agent (``tether serve`` child process) and the public API, as in
+test_exec.py. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+import tether
+from conftest import Agent, check_clean_log, start_agent
+from tether.known_hosts import add_known_host, lookup_known_host
+
+BOUND = 10.0  # seconds any single wait below may take at the most
+
+
+def connect(agent: Agent) -> tether.Connecting:
+    return tether.connect(agent.host, token=agent.token, insecure_plaintext=not agent.tls)
+
+
+async def test_waiting_again_on_an_ended_command_does_not_hang(agent: Agent) -> None:
+    """Once a command has failed to start, or was abandoned, every later wait()
+    or iteration raises again: it waited for a frame that would never come."""
+    async with connect(agent) as conn:
+        failed = await conn.exec(["no-such-program-for-tether"])
+        for _ in range(2):
+            with pytest.raises(tether.RemoteError) as info:
+                await asyncio.wait_for(failed.wait(), BOUND)
+            assert info.value.code == "not_found"
+
+        running = await conn.exec(["sleep", "30"])
+        running.abandon()
+        for _ in range(2):
+            with pytest.raises(tether.RemoteError) as info:
+                await asyncio.wait_for(running.wait(), BOUND)
+            assert info.value.code == "cancelled"
+        assert (await conn.run(["echo", "still fine"])).stdout == b"still fine\n"
+
+
+async def test_an_exec_cancelled_before_it_returns_is_ended(agent: Agent) -> None:
+    """exec() waits for room to send its request; cancelled there, the command
+    must not run on with nobody to read its output (which would stall the
+    connection once 8 MiB were unread)."""
+    async with connect(agent) as conn:
+        wire = conn._wire
+        wire.pause_writing()  # what the transport does when its buffer is full
+        starting = asyncio.ensure_future(conn.exec(["yes"]))
+        await asyncio.sleep(0.1)
+        assert not starting.done()
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        wire.resume_writing()
+        assert wire.queues == {}  # nothing left registered for it
+        # The agent was told: the connection carries no flood of "yes" output.
+        for _ in range(3):
+            assert await asyncio.wait_for(conn.echo("ok"), BOUND) == "ok"
+            await asyncio.sleep(0.2)
+        assert wire._unread == 0
+
+
+async def test_close_does_not_hang_on_input_the_agent_does_not_read(agent: Agent) -> None:
+    """A command that never reads its stdin, and more stdin queued than the
+    socket takes: close() cuts the connection after CLOSE_TIMEOUT instead of
+    waiting forever for the queue to drain."""
+    async with connect(agent) as conn:
+        proc = await conn.exec(["sleep", "60"], stdin=True)
+        chunk = b"x" * (1024 * 1024)
+        for _ in range(64):  # 64 MiB: far more than the socket buffers hold
+            conn._wire.send(tether.messages.Stdin(proc.id, body=chunk))
+        await asyncio.wait_for(conn.close(), tether.asyncio.client.CLOSE_TIMEOUT + BOUND)
+        assert conn._wire.lost.done()
+        with pytest.raises(tether.ConnectionClosed):
+            await conn.echo("x")
+
+
+async def test_keepalive_goes_on_while_output_waits_unread(tmp_path: Path) -> None:
+    """More than 8 MiB of output unread stops the client reading; its
+    keepalive must still reach the agent, which would otherwise close the
+    connection as idle (§4.8) and the output would be lost."""
+    agent = start_agent(tmp_path, "--idle-timeout", "2")
+    try:
+        async with connect(agent) as conn:
+            proc = await conn.exec(["head", "-c", str(12 * 1024 * 1024), "/dev/zero"])
+            await asyncio.sleep(6)  # three idle timeouts, nothing read
+            received = 0
+            async for chunk in proc:
+                received += len(chunk.data)
+            assert (received, proc.exit_status) == (12 * 1024 * 1024, tether.ExitStatus(0))
+            assert await asyncio.wait_for(conn.echo("after"), BOUND) == "after"
+    finally:
+        agent.stop()
+    check_clean_log(agent)
+
+
+async def test_a_connect_cancelled_from_outside_closes_its_socket() -> None:
+    """A listener that accepts and never answers the hello: cancelling connect()
+    from outside closes the socket at once, not when the garbage collector
+    finds it."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        connecting = tether.connect(
+            f"127.0.0.1:{port}", token="t", connect_timeout=60, insecure_plaintext=True
+        )
+        attempt = asyncio.ensure_future(connecting.__aenter__())
+        accepted, _ = await asyncio.to_thread(listener.accept)
+        with accepted:
+            await asyncio.sleep(0.2)
+            attempt.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await attempt
+            accepted.settimeout(BOUND)
+            while await asyncio.to_thread(accepted.recv, 65536):
+                pass  # the client's hello, then end of file
+
+
+async def test_after_close_requests_say_the_connection_was_closed_here(agent: Agent) -> None:
+    async with connect(agent) as conn:
+        await conn.close()
+        with pytest.raises(tether.ConnectionClosed) as info:
+            await conn.echo("x")
+        assert str(info.value) == "the connection was closed"
+
+
+async def test_stdin_of_any_item_size_is_sent_as_its_bytes(agent: Agent) -> None:
+    """A memoryview of 8-byte items (array, numpy) was cut in items, not bytes:
+    frames eight times too large."""
+    data = array.array("q", range(3_000_000))  # 24 MB in 3 million items: two frames
+    async with connect(agent) as conn:
+        result = await conn.run(["cat"], input=memoryview(data))  # type: ignore[arg-type]
+    assert result.stdout == data.tobytes()
+
+
+def test_a_pin_added_to_a_file_without_a_final_newline_starts_its_own_line(
+    tmp_path: Path,
+) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_bytes(b"web1:7447 SHA256:one")  # edited by hand, no final newline
+    add_known_host(known, "web2:7447", "SHA256:two")
+    assert known.read_text() == "web1:7447 SHA256:one\nweb2:7447 SHA256:two\n"
+    assert lookup_known_host(known, "web1:7447").fingerprint == "SHA256:one"  # type: ignore[union-attr]
+    add_known_host(known, "web3:7447", "SHA256:three")
+    assert known.read_text().splitlines()[-1] == "web3:7447 SHA256:three"
+
+
+async def test_an_unreadable_known_hosts_file_is_named(agent: Agent, tmp_path: Path) -> None:
+    directory = tmp_path / "known_hosts"
+    directory.mkdir()  # a directory where the file should be
+    if not agent.tls:
+        pytest.skip("pins are for TLS agents")
+    with pytest.raises(tether.UsageError) as info:
+        async with tether.connect(agent.host, token=agent.token, known_hosts=directory):
+            pass
+    assert str(info.value) == f"known hosts file {directory}: Is a directory"
