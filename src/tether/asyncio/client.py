@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import os
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -274,7 +277,7 @@ class Connection:
             try:
                 await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT)
             except builtins.TimeoutError:
-                transport.abort()
+                _reset(transport)
         await asyncio.sleep(0)
 
     def _open(self, msg_factory: Any) -> tuple[int, asyncio.Queue[Message | Closed]]:
@@ -500,6 +503,17 @@ class Connection:
                 await asyncio.gather(feeder, return_exceptions=True)
         assert proc.exit_status is not None
         return CommandResult(bytes(out), bytes(err), proc.exit_status, self.encoding)
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Cut the connection with a reset: a plain close would leave the kernel
+    sending what is queued, then the end of the stream, to an agent that reads
+    none of it, which would never learn that we are gone."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 async def _feed(proc: RemoteProcess, data: bytes) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -331,6 +332,14 @@ class ServerConnection(asyncio.BufferedProtocol):
         """
         if self.closed or self.identity is None:
             return
+        if self._input_holders and self._peer_gone():
+            # Reading is paused (a command does not read its stdin), so the
+            # client's close would go unseen until we next write: the command
+            # would run on for nobody.
+            log.info("%s: closing connection: the client went away", self.peer)
+            if self.transport is not None:
+                self.transport.abort()
+            return
         if self.tasks:
             self._last_input = now  # running is not idle
             return
@@ -340,6 +349,16 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.protocol.fail(ErrorCode.IDLE_TIMEOUT, f"idle for {timeout:g}s")
         self.server.audit.record("idle_timeout", peer=self.peer, identity=self.identity)
         self._close()
+
+    def _peer_gone(self) -> bool:
+        """Whether the client closed or reset the connection, seen without
+        reading from it (poll: hang-up, error, or the peer's end of writing)."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))
 
     def _start_request(self, request: Message) -> None:
         if self.server.stopping:
