@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,18 @@ def test_a_reader_that_goes_away_is_141_quietly(agent: Agent, command: str) -> N
         (many / f"file-{i:04}").touch()
     r = in_shell(agent, f"$T {command} | head -1 >/dev/null; exit ${{PIPESTATUS[0]}}")
     assert (r.returncode, r.stderr) == (141, b"")
+
+
+def test_exec_into_a_reader_that_goes_away_is_141_and_ends_the_command(agent: Agent) -> None:
+    word = f"tether-pipe-{os.getpid()}"
+    r = in_shell(agent, f"$T exec $H -- yes {word} | head -1 >/dev/null; exit ${{PIPESTATUS[0]}}")
+    assert (r.returncode, r.stderr) == (141, b"")
+    for _ in range(50):  # the agent ends the command once the connection is gone
+        if subprocess.run(["pgrep", "-f", f"^yes {word}$"], capture_output=True).returncode:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"yes {word} still runs")
 
 
 def test_stdin_left_non_blocking_is_waited_for(agent: Agent) -> None:

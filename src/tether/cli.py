@@ -295,10 +295,6 @@ async def _exec(
                 stream = outputs[chunk.stream]
                 stream.write(chunk.data)
                 stream.flush()  # live output, not at the end
-        except BrokenPipeError:
-            # Our reader went away (``| head``): end the command, stay quiet.
-            _silence_stdout()
-            return EXIT_SIGPIPE
         except tether.RemoteError as exc:
             click.echo(f"tether: {exc.message}", err=True)
             return {

@@ -84,9 +84,11 @@ def add_known_host(path: str | os.PathLike[str], host: str, print_: str) -> None
     """Pin ``host`` to fingerprint ``print_`` (appending a line; the file is 0600)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "r+b") as f:
+    try:
         size = os.fstat(fd).st_size
         # A file edited by hand may lack its final newline: the pin must
         # start a line of its own, not extend the last one.
-        ends_a_line = size == 0 or os.pread(fd, 1, size - 1) == b"\n"
-        f.write(("" if ends_a_line else "\n").encode() + f"{host} {print_}\n".encode())
+        new_line = b"" if size == 0 or os.pread(fd, 1, size - 1) == b"\n" else b"\n"
+        os.write(fd, new_line + f"{host} {print_}\n".encode())
+    finally:
+        os.close(fd)

@@ -329,10 +329,9 @@ class ServerProtocol(_Base):
         self._decoder.hold = True
 
     def _handle_hello(self, frame: Frame) -> None:
-        # Nothing but hello is even decoded before authentication.
-        if frame.op != "hello":
-            self._fail(ErrorCode.UNAUTHENTICATED, "the first frame must be hello")
-            return
+        # Only the first frame comes here, and only if it is a hello without a
+        # body (_check_first_header): nothing else is decoded before
+        # authentication.
         try:
             msg = decode_client_message(frame)
         except ProtocolError as exc:

@@ -145,11 +145,11 @@ class Channel(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
             self.lost.set_result(None)
-        if self.closing:
-            self._fail(ConnectionClosed("the connection was closed"))
-            return
-        reason = f": {exc}" if exc else ""
-        self._fail(ConnectionClosed(f"connection closed by the agent{reason}"))
+        if self.closing:  # Connection.close() did it
+            message = "the connection was closed"
+        else:
+            message = "connection closed by the agent" + (f": {exc}" if exc else "")
+        self._fail(ConnectionClosed(message))
 
     def pause_writing(self) -> None:
         self._writable.clear()

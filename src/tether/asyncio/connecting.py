@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import os
 import ssl
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from ..addresses import Address, parse_address
 from ..exceptions import (
@@ -39,8 +40,6 @@ from .channel import Channel
 from .client import Connection
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "Connecting", "connect"]
-
-T = TypeVar("T")
 
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds for TCP connect plus hello
 
@@ -177,7 +176,8 @@ async def _open_connection(
                 # refused hello, or against something that is no tether agent,
                 # the next attempt is still a first use.
                 assert seen is not None
-                _known_hosts_io(pin_into, add_known_host, pin_into, str(address), seen)
+                with _known_hosts_file(pin_into):
+                    add_known_host(pin_into, str(address), seen)
                 new_host = True
     except TetherError:
         _abort(wire)
@@ -236,7 +236,8 @@ def _check_pin(address: Address, seen: str, pinned: str | None, trust: _Trust) -
             )
         return None
     path = os.fspath(trust.known_hosts) if trust.known_hosts is not None else default_known_hosts()
-    known = _known_hosts_io(path, lookup_known_host, path, str(address))
+    with _known_hosts_file(path):
+        known = lookup_known_host(path, str(address))
     if known is not None:
         if known.fingerprint != seen:
             raise CertificateError(
@@ -257,15 +258,16 @@ def _check_pin(address: Address, seen: str, pinned: str | None, trust: _Trust) -
     return path
 
 
-def _known_hosts_io(path: str, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``, reading or writing the known-hosts file at ``path``.
+@contextlib.contextmanager
+def _known_hosts_file(path: str) -> Generator[None, None, None]:
+    """Reading or writing the known-hosts file at ``path``.
 
     Raises:
         UsageError: the file cannot be read or written (a directory, no
             permission...): about that file, not a failed connection.
     """
     try:
-        return fn(*args)
+        yield
     except OSError as exc:
         raise UsageError(f"known hosts file {path}: {exc.strerror or exc}") from None
 

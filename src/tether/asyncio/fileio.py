@@ -241,7 +241,7 @@ class PartialFile(_ThreadedFile):
                 break
             os.close(self.fd)
         else:
-            raise TransferError(ErrorCode.BUSY, f"{shown}: another transfer is writing it")
+            raise self._busy_error()
         self.have = os.fstat(self.fd).st_size if resume else 0
         self.hasher = new_hasher()
         self.pos = 0
@@ -359,13 +359,14 @@ class PartialFile(_ThreadedFile):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise TransferError(
-                ErrorCode.BUSY, f"{self.shown}: another transfer is writing it"
-            ) from None
+            raise self._busy_error() from None
         except OSError as exc:  # ENOLCK (NFS without locks) and the like
             os.close(fd)
             raise error_from_os(exc, self.shown) from None
         return fd
+
+    def _busy_error(self) -> TransferError:
+        return TransferError(ErrorCode.BUSY, f"{self.shown}: another transfer is writing it")
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
