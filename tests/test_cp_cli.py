@@ -874,6 +874,65 @@ def test_cp_directory_where_a_file_is_expected(
     assert partials(agent.root, tmp_path) == []
 
 
+# The agent as root without the capabilities that let root read and write
+# whatever it likes: file permissions apply to it as to any user.
+NO_BYPASS = "-dac_override,-dac_read_search"
+NO_BYPASS_LAUNCHER = ["setpriv", f"--bounding-set={NO_BYPASS}", f"--inh-caps={NO_BYPASS}"]
+
+
+def test_cp_r_get_goes_past_what_it_cannot_read(tether_cli: type[Cli], tmp_path: Path) -> None:
+    """As scp: an unreadable file and an unreadable directory in a remote tree
+    are named on stderr, one line each, and everything else is still copied
+    (the copy used to stop at the first); exit 1."""
+    agent = start_agent(tmp_path, launcher=NO_BYPASS_LAUNCHER)
+    try:
+        tree = agent.root / "t"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "locked").mkdir()
+        for name in ("a", "sub/b", "locked/hidden", "secret", "zz"):
+            (tree / name).write_bytes(name.encode())
+        (tree / "secret").chmod(0)
+        (tree / "locked").chmod(0)
+        back = tmp_path / "back"
+        proc = tether_cli.run(["cp", "-r", f"{agent.host}:t", str(back)], env=agent.env)
+    finally:
+        agent.stop()
+    check_clean_log(agent)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.decode().splitlines() == [
+        "tether: t/locked: Permission denied",
+        "tether: t/secret: Permission denied",
+    ]
+    copied = sorted(str(p.relative_to(back)) for p in back.rglob("*"))
+    assert copied == ["a", "sub", "sub/b", "zz"]
+    for name in ("a", "sub/b", "zz"):
+        assert (back / name).read_bytes() == name.encode()
+    assert partials(back) == []
+
+
+def test_cp_r_put_goes_past_what_the_agent_refuses(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    """The upload side of the test above: each refused entry one line, the
+    rest copied, exit 1."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for name in ("a", "d/f", "e", "z"):
+        (src / name).write_bytes(name.encode())
+    dest = agent.root / "copy" / "src"  # copy exists: it receives src by name
+    (dest / "e" / "inner").mkdir(parents=True)
+    (dest / "d").write_bytes(b"a file")
+    proc = tether_cli.run(["cp", "-r", "-q", str(src), f"{agent.host}:copy"], env=agent.env)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.decode().splitlines() == [
+        "tether: copy/src/d: exists and is not a directory",
+        "tether: copy/src/e: is a directory",
+    ]
+    assert (dest / "a").read_bytes() == b"a"
+    assert (dest / "z").read_bytes() == b"z"
+    assert partials(agent.root) == []
+
+
 @contextlib.contextmanager
 def small_tmpfs(directory: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs mounted on ``directory`` (needs root: skip otherwise)."""
@@ -985,6 +1044,127 @@ def test_kill_cli_mid_get_then_resume(agent: Agent, big_file: Path, tmp_path: Pa
     assert_same_file(dest, big_file)
     assert partials(out) == []
     assert BIG_SIZE - have <= counted.down <= resume_bound(BIG_SIZE - have)
+
+
+TREE_BIG = 48 * MiB  # the file of a tree that the kill below lands in
+TREE_KILL_AT = 8 * MiB
+TREE_KILL_RATE = 16e6
+
+
+def make_resumable_tree(top: Path) -> None:
+    """A tree whose copy is interrupted in its last file: 'a' and 'sub/b' come
+    first (sorted), then 'zbig', which the kill lands in."""
+    (top / "sub").mkdir(parents=True)
+    (top / "a").write_bytes(b"first")
+    (top / "sub" / "b").write_bytes(b"second")
+    write_random(top / "zbig", TREE_BIG)
+    top.chmod(0o755)
+
+
+def interrupt(args: Callable[[str], Sequence[PathArg]], agent: Agent, part: Path) -> None:
+    """Run ``tether ARGS(host)`` through a slow relay to ``agent`` and kill it
+    once ``part`` holds ``TREE_KILL_AT`` bytes."""
+    with Proxy(agent, rate=TREE_KILL_RATE) as slow:
+        proc = spawn_cli(args(slow.host), env=agent.env)
+        try:
+            wait_for(lambda: size_of(part) >= TREE_KILL_AT or proc.poll() is not None, "a partial")
+            assert proc.poll() is None, "the copy ended before it could be interrupted"
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            kill_and_reap(proc)
+    wait_for(lambda: part.exists() and unlocked(part), "the partial file to be let go")
+
+
+def test_cp_r_resume_goes_on_in_the_directory_the_interrupted_put_made(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """``cp -r SRC HOST:DEST`` (DEST new) killed, then the same with --resume:
+    DEST exists now, and an existing directory receives SRC by name, so the
+    resume used to start a second copy in DEST/SRC. It goes on in DEST, and
+    only the missing bytes travel."""
+    src = tmp_path / "src"
+    make_resumable_tree(src)
+    dest = agent.root / "dest"
+    part = dest / f".zbig{PART}"
+    interrupt(lambda host: ["cp", "-r", src, f"{host}:dest"], agent, part)
+    have = size_of(part)
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o700  # what tells an unfinished copy
+    with Proxy(agent) as counted:
+        done = run_cli(["cp", "-r", "--resume", src, f"{counted.host}:dest"], env=agent.env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == b"tether: resuming the interrupted copy in dest\n"
+    assert snapshot(dest) == snapshot(src)
+    assert not (dest / "src").exists()
+    assert partials(agent.root) == []
+    assert counted.up <= resume_bound(TREE_BIG - have)
+
+
+def test_cp_r_resume_goes_on_in_the_directory_the_interrupted_get_made(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """The download side of the test above."""
+    make_resumable_tree(agent.root / "t")
+    back = tmp_path / "back"
+    part = back / f".zbig{PART}"
+    interrupt(lambda host: ["cp", "-r", f"{host}:t", back], agent, part)
+    have = size_of(part)
+    with Proxy(agent) as counted:
+        done = run_cli(["cp", "-r", "--resume", f"{counted.host}:t", back], env=agent.env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"tether: resuming the interrupted copy in {back}\n".encode()
+    assert snapshot(back) == snapshot(agent.root / "t")
+    assert partials(back) == []
+    assert counted.down <= resume_bound(TREE_BIG - have)
+
+
+@pytest.mark.parametrize(
+    ("mode", "dest", "expected"),
+    [
+        (0o40700, {"a": "file"}, True),
+        (0o40700, {"a": "file", "sub": "dir", "ln": "link", f".a{PART}": "file"}, True),
+        (0o40700, {f".a{PART}": "file"}, True),  # cut in the first file
+        (0o40755, {"a": "file"}, False),  # a finished copy, or not one at all
+        (0o40700, {}, False),
+        (0o40700, {"a": "dir"}, False),  # not of the same type
+        (0o40700, {f".sub{PART}": "file"}, False),  # "sub" is a directory
+        (0o40700, {"a": "file", "b": "file"}, False),  # "b" is not in the source
+        (0o40700, {"a": "file", "src": "dir"}, False),  # holds the source by name
+    ],
+)
+def test_what_counts_as_an_interrupted_tree_copy(
+    mode: int, dest: dict[str, str], expected: bool
+) -> None:
+    from tether.cli import _interrupted_copy
+
+    source = {"a": "file", "sub": "dir", "ln": "link"}
+    assert _interrupted_copy(mode, dest, source, "src") is expected
+
+
+def test_cp_r_resume_into_a_directory_that_was_there_copies_by_name(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """An existing directory that is not an unfinished copy of SRC receives it
+    by name, with or without --resume, as with scp: nothing in it is touched."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a").write_bytes(b"new")
+    cases = {
+        "other": (0o755, {"a": b"kept"}),  # not 0700: made by someone
+        "private": (0o700, {"a": b"kept", "notes": b"not in src"}),  # holds what src has not
+        "empty": (0o700, {}),  # more likely made to receive the copy
+        "slash/": (0o700, {"a": b"kept"}),  # DEST/ says: into this directory
+    }
+    for name, (mode, files) in cases.items():
+        dest = agent.root / name.rstrip("/")
+        dest.mkdir()
+        for file, data in files.items():
+            (dest / file).write_bytes(data)
+        dest.chmod(mode)
+        proc = run_cli(["cp", "-r", "-q", "--resume", src, f"{agent.host}:{name}"], env=agent.env)
+        assert_silent_success(proc)
+        assert (dest / "src" / "a").read_bytes() == b"new", name
+        for file, data in files.items():
+            assert (dest / file).read_bytes() == data, name
 
 
 # 7. Progress bars on a terminal ---------------------------------------------------------

@@ -509,6 +509,53 @@ async def test_failed_put_tree_is_clear_and_creates_nothing(agent: Agent, tmp_pa
     assert os.listdir(agent.root) == []
 
 
+async def test_put_tree_goes_past_entries_the_agent_refuses(agent: Agent, tmp_path: Path) -> None:
+    """As scp: entries that fail each for a reason of their own do not stop the
+    rest of the tree; TreeCopyError names them all at the end, with the results
+    of what was copied, and every directory still gets its mode."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "a").write_bytes(b"a")  # sorted first, copied before the failures
+    (src / "d" / "f").write_bytes(b"in d")
+    (src / "e").write_bytes(b"e")
+    (src / "z").write_bytes(b"after them")
+    (src / "d").chmod(0o750)
+    dest = agent.root / "copy"
+    (dest / "e" / "inner").mkdir(parents=True)  # a file's destination is a directory
+    (dest / "d").write_bytes(b"a file where the tree has a directory")
+    async with connect(agent) as conn:
+        with pytest.raises(tether.TreeCopyError) as info:
+            await conn.put_tree(src, "copy")
+    error = info.value
+    assert [(f.code, str(f)) for f in error.failures] == [
+        ("not_a_directory", "copy/d: exists and is not a directory"),
+        ("is_a_directory", "copy/e: is a directory"),
+    ]
+    assert error.code == "not_a_directory"
+    assert str(error) == "copy/d: exists and is not a directory (and 1 more)"
+    assert isinstance(error, tether.TransferError)
+    assert [r.path for r in error.results] == ["copy/a", "copy/z"]
+    assert (dest / "a").read_bytes() == b"a" and (dest / "z").read_bytes() == b"after them"
+    assert stat.S_IMODE(os.stat(dest).st_mode) == stat.S_IMODE(os.stat(src).st_mode)
+    assert partials(agent.root) == []
+
+
+async def test_a_full_disk_ends_a_tree_copy_at_once(agent: Agent, tmp_path: Path) -> None:
+    """No space left would fail every later file too: the copy stops there with
+    that error, not a TreeCopyError after trying them all."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write_random(src / "a-big", 2 * MiB)
+    (src / "b-small").write_bytes(b"would fit")
+    with tmpfs(agent.root / "small", "size=1m"):
+        async with connect(agent) as conn:
+            with pytest.raises(tether.RemoteError) as info:
+                await conn.put_tree(src, "small/copy")
+        assert not isinstance(info.value, tether.TreeCopyError)
+        assert info.value.code == "no_space"
+        assert os.listdir(agent.root / "small" / "copy") == []
+
+
 # 5 and 6. Integrity: one flipped bit in transit, the old destination kept --------------
 
 FLIP_AT = 200_000 + 4321  # stream offset of the flipped bit: well inside the file's data

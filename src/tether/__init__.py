@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         TetherError,
         TimeoutError,
         TransferError,
+        TreeCopyError,
         UsageError,
     )
     from .limits import DEFAULT_PORT, PROTOCOL_VERSION, Limits
@@ -70,6 +71,7 @@ _EXPORTS = {
     "TetherError": "exceptions",
     "TimeoutError": "exceptions",
     "TransferError": "exceptions",
+    "TreeCopyError": "exceptions",
     "UsageError": "exceptions",
     "DEFAULT_PORT": "limits",
     "PROTOCOL_VERSION": "limits",
@@ -122,6 +124,7 @@ __all__ = [
     "TimeoutError",
     "TransferError",
     "TransferResult",
+    "TreeCopyError",
     "UsageError",
     "__version__",
     "connect",

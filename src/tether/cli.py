@@ -421,12 +421,23 @@ async def _copy(
                 results = await _upload(conn, local, remote.path, recursive, resume, quiet)
             else:
                 results = await _download(conn, remote.path, local, recursive, resume, quiet)
+        except tether.TreeCopyError as exc:
+            # The rest of the tree was copied: name every entry that was not.
+            _warn_restarted(exc.results)
+            for failure in exc.failures:
+                click.echo(f"tether: {failure}", err=True)
+            return 1
         except (tether.RemoteError, tether.TransferError, _CopyRefused) as exc:
             click.echo(f"tether: {exc}", err=True)
             return 1
         except OSError as exc:  # the local side, before any transfer started
             click.echo(f"tether: {exc.filename}: {exc.strerror}", err=True)
             return 1
+    _warn_restarted(results)
+    return 0
+
+
+def _warn_restarted(results: list[tether.TransferResult]) -> None:
     for result in results:
         if result.restarted:
             click.echo(
@@ -434,7 +445,6 @@ async def _copy(
                 "copied from the start",
                 err=True,
             )
-    return 0
 
 
 class _CopyRefused(Exception):
@@ -454,18 +464,26 @@ async def _upload(
     if is_dir and not recursive:
         raise _CopyRefused(f"{local}: is a directory (use -r)")
     try:
-        into = (await conn.stat(target, follow=True)).is_dir
+        dest: tether.RemoteStat | None = await conn.stat(target, follow=True)
     except tether.RemoteError as exc:
         if exc.code != "not_found":
             raise
         if target.endswith("/"):  # as cp and scp: "dir/" must be a directory
             raise _CopyRefused(f"{target}: no such directory") from None
-        into = False
-    else:
-        if target.endswith("/") and not into:
-            raise _CopyRefused(f"{target}: not a directory")
-    if into:  # an existing directory receives the source by its name
-        target = posixpath.join(target, os.path.basename(os.path.normpath(local)))
+        dest = None
+    if target.endswith("/") and dest is not None and not dest.is_dir:
+        raise _CopyRefused(f"{target}: not a directory")
+    if dest is not None and dest.is_dir:  # an existing directory receives the source by its name
+        name = os.path.basename(os.path.normpath(local))
+        in_place = (
+            resume
+            and is_dir
+            and not target.endswith("/")
+            and _interrupted_copy(
+                dest.mode, _remote_types(await conn.listdir(target)), _local_types(local), name
+            )
+        )
+        target = _into(target, name, posixpath.join, in_place, quiet)
     total = _tree_size(local) if is_dir else os.path.getsize(local)
     with TransferBars(quiet=quiet, total=total) as bars:
         if is_dir:
@@ -484,13 +502,80 @@ async def _download(
     if info.is_dir and not recursive:
         raise _CopyRefused(f"{source}: is a directory (use -r)")
     if os.path.isdir(target):
-        target = os.path.join(target, posixpath.basename(posixpath.normpath(source)))
+        name = posixpath.basename(posixpath.normpath(source))
+        in_place = (
+            resume
+            and info.is_dir
+            and not target.endswith("/")
+            and _interrupted_copy(
+                os.stat(target).st_mode,
+                _local_types(target),
+                _remote_types(await conn.listdir(source)),
+                name,
+            )
+        )
+        target = _into(target, name, os.path.join, in_place, quiet)
     elif target.endswith("/"):
         raise _CopyRefused(f"{target}: no such directory")
     with TransferBars(quiet=quiet, total=None if info.is_dir else info.size) as bars:
         if info.is_dir:
             return await conn.get_tree(source, target, resume=resume, progress=bars)
         return [await conn.get(source, target, resume=resume, progress=bars)]
+
+
+def _into(
+    directory: str, name: str, join: Callable[[str, str], str], in_place: bool, quiet: bool
+) -> str:
+    """Where a copy of ``name`` into the existing ``directory`` goes: under its
+    name, as with scp; or, resuming the interrupted copy that made
+    ``directory`` (:func:`_interrupted_copy`), ``directory`` itself."""
+    if not in_place:
+        return join(directory, name)
+    if not quiet:
+        click.echo(f"tether: resuming the interrupted copy in {directory}", err=True)
+    return directory
+
+
+def _interrupted_copy(
+    dest_mode: int, dest: dict[str, str], source: dict[str, str], name: str
+) -> bool:
+    """Whether the existing directory DEST (its mode; the type of each entry,
+    by name) is what an interrupted ``cp -r SOURCE DEST`` left where DEST did
+    not exist. ``--resume`` then goes on in DEST itself: copying SOURCE into
+    it by ``name``, as for any existing directory, would start a second copy
+    inside the first.
+
+    A tree copy makes each directory 0700 and gives it its own mode last, so
+    an unfinished one is 0700 at the top; all it holds is named like an entry
+    of SOURCE, of the same type, or is the partial file of one. An empty
+    directory is not taken for one: more likely it was made to receive SOURCE.
+    """
+    import stat
+
+    from tether.paths import partial_name
+
+    if stat.S_IMODE(dest_mode) != 0o700 or not dest or name in dest:
+        return False
+    partials = {partial_name(entry): "file" for entry, kind in source.items() if kind == "file"}
+    return all(source.get(entry, partials.get(entry)) == kind for entry, kind in dest.items())
+
+
+def _remote_types(entries: list[tether.RemoteStat]) -> dict[str, str]:
+    return {entry.name or "": entry.type for entry in entries}
+
+
+def _local_types(directory: str) -> dict[str, str]:
+    """The entries of a local directory by name, with the types a listing gives."""
+    types = {}
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_symlink():
+                types[entry.name] = "link"
+            elif entry.is_dir(follow_symlinks=False):
+                types[entry.name] = "dir"
+            else:
+                types[entry.name] = "file" if entry.is_file(follow_symlinks=False) else "other"
+    return types
 
 
 def _tree_size(top: str) -> int:

@@ -16,7 +16,9 @@ The tree::
     │   │                             (``.code``, ``.message``); fails only that request
     │   └── AuthenticationError      the agent refused the token, or hello never succeeded
     ├── TransferError                a file transfer failed on this side (``.code``:
-    │                                 checksum_mismatch, source_changed, no_space, ...)
+    │   │                             checksum_mismatch, source_changed, no_space, ...)
+    │   └── TreeCopyError            a tree copy went to its end without some entries
+    │                                 (``.failures``, ``.results``)
     ├── UsageError                   the caller asked for something malformed (bad host
     │                                 string, no token to be found)
     └── TimeoutError                 an operation ran out of time; also a builtin
@@ -29,6 +31,8 @@ A protocol error fails the whole connection; a failed request fails only itself
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "AuthenticationError",
@@ -41,6 +45,7 @@ __all__ = [
     "TetherError",
     "TimeoutError",
     "TransferError",
+    "TreeCopyError",
     "UsageError",
 ]
 
@@ -128,6 +133,24 @@ class TransferError(TetherError):
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message, code=code)
+
+
+class TreeCopyError(TransferError):
+    """A tree copy went on to its end, but some entries could not be copied.
+
+    As scp does, an entry that fails for a reason of its own (unreadable,
+    vanished, refused) does not stop the rest. ``failures`` holds each such
+    error in the order met (every message names its path); ``results`` the
+    ``TransferResult`` of every file that was copied. ``code`` is the first
+    failure's.
+    """
+
+    def __init__(self, failures: Sequence[TetherError], results: Sequence[Any]) -> None:
+        first = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        super().__init__(first.code, f"{first}{more}")
+        self.failures = list(failures)
+        self.results = list(results)
 
 
 class UsageError(TetherError, ValueError):

@@ -14,7 +14,15 @@ import posixpath
 from .exceptions import RemoteError
 from .messages import ErrorCode, is_os_string
 
-__all__ = ["confine", "is_within", "outside_root"]
+__all__ = ["PARTIAL_SUFFIX", "confine", "is_within", "outside_root", "partial_name"]
+
+PARTIAL_SUFFIX = ".tether-part"
+
+
+def partial_name(name: str) -> str:
+    """The hidden name, beside ``name``, under which a transfer to ``name``
+    collects its bytes until they are verified (and keeps them for a resume)."""
+    return "." + name + PARTIAL_SUFFIX
 
 
 def is_within(root: str, path: str) -> bool:

@@ -389,7 +389,11 @@ class Connection:
         progress: transfer.Progress | None = None,
     ) -> list[transfer.TransferResult]:
         """Download the directory ``remote`` as ``local``: files, empty
-        directories, symlinks (as links), modes and mtimes."""
+        directories, symlinks (as links), modes and mtimes.
+
+        An entry that cannot be copied (unreadable, vanished...) does not stop
+        the rest: :class:`~tether.TreeCopyError` at the end names each one.
+        """
         from . import transfer
 
         return await transfer.get_tree(

@@ -22,6 +22,7 @@ import blake3
 
 from ..exceptions import TransferError
 from ..messages import ErrorCode
+from ..paths import partial_name
 
 __all__ = [
     "CHUNK_SIZE",
@@ -36,7 +37,6 @@ __all__ = [
 T = TypeVar("T")
 
 CHUNK_SIZE = 1024 * 1024  # 1 MiB of file per data frame
-PARTIAL_SUFFIX = ".tether-part"
 LOCK_ATTEMPTS = 3  # opens of a partial file that another process renamed away meanwhile
 
 _ERRNO_CODES = {
@@ -67,7 +67,7 @@ def new_hasher() -> Any:
 def partial_path(dest: str) -> str:
     """Where a transfer to ``dest`` collects its bytes: hidden, same directory."""
     head, tail = os.path.split(dest)
-    return os.path.join(head, "." + tail + PARTIAL_SUFFIX)
+    return os.path.join(head, partial_name(tail))
 
 
 def _hash_range(fd: int, length: int) -> Any:

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ConnectionClosed, ProtocolError, RemoteError, TransferError
+from ..exceptions import (
+    AuthenticationError,
+    ConnectionClosed,
+    ProtocolError,
+    RemoteError,
+    TetherError,
+    TransferError,
+    TreeCopyError,
+)
 from ..messages import (
     HASH_NAME,
     Cancel,
@@ -283,6 +292,56 @@ async def put_file(
 
 # Trees ------------------------------------------------------------------------------
 
+# Errors that concern one entry of a tree and say nothing of the next: a tree
+# copy records them and goes on, as scp does. Any other (no space left, the
+# agent stopping, the connection gone, a protocol error) would fail every
+# later entry too, and ends the copy at once.
+_ENTRY_CODES = frozenset(
+    {
+        ErrorCode.NOT_FOUND,  # vanished since it was listed
+        ErrorCode.PERMISSION_DENIED,
+        ErrorCode.FORBIDDEN,
+        ErrorCode.PATH_OUTSIDE_ROOT,
+        ErrorCode.IS_A_DIRECTORY,
+        ErrorCode.NOT_A_DIRECTORY,
+        ErrorCode.SOURCE_CHANGED,
+        ErrorCode.CHECKSUM_MISMATCH,
+        ErrorCode.BUSY,
+        ErrorCode.IO_ERROR,
+    }
+)
+
+
+class _TreeCopy:
+    """The files a tree copy has copied, and the entries it could not."""
+
+    def __init__(self) -> None:
+        self.results: list[TransferResult] = []
+        self.failures: list[TetherError] = []
+
+    @contextlib.contextmanager
+    def entry(self, shown: str) -> Iterator[None]:
+        """Record an error of the entry ``shown`` and go on; re-raise any other."""
+        try:
+            yield
+        except (RemoteError, TransferError) as exc:
+            if exc.code not in _ENTRY_CODES or isinstance(exc, AuthenticationError):
+                raise
+            self.failures.append(exc)
+        except TetherError:
+            raise
+        except OSError as exc:  # this side's, outside a transfer (readlink, chmod...)
+            error = error_from_os(exc, shown)
+            if error.code not in _ENTRY_CODES:
+                raise error from None
+            self.failures.append(error)
+
+    def outcome(self) -> list[TransferResult]:
+        """The results, or TreeCopyError if any entry failed."""
+        if self.failures:
+            raise TreeCopyError(self.failures, self.results)
+        return self.results
+
 
 def _join(base: str, name: str) -> str:
     return name if base in ("", ".") else base.rstrip("/") + "/" + name
@@ -294,9 +353,11 @@ async def put_tree(
     """Copy the directory ``local`` to ``remote`` (created if missing).
 
     Directories are made writable first and get their own mode and mtime
-    last, so read-only trees copy too; symlinks are copied as links.
+    last, so read-only trees copy too; symlinks are copied as links. An
+    entry that cannot be copied does not stop the others (TreeCopyError at
+    the end); the top directory itself must be readable.
     """
-    results: list[TransferResult] = []
+    copy = _TreeCopy()
     dirs: list[tuple[str, os.stat_result]] = []
 
     async def walk(local_dir: str, remote_dir: str) -> None:
@@ -312,27 +373,33 @@ async def put_tree(
         dirs.append((remote_dir, st))
         for entry in entries:
             target = _join(remote_dir, entry.name)
-            if entry.is_symlink():
-                await symlink(conn, target, os.readlink(entry.path))
-            elif entry.is_dir(follow_symlinks=False):
-                await walk(entry.path, target)
-            elif entry.is_file(follow_symlinks=False):
-                results.append(
-                    await put_file(conn, entry.path, target, resume=resume, progress=progress)
-                )
-            # sockets, fifos and devices are not copied
+            with copy.entry(entry.path):
+                if entry.is_symlink():
+                    await symlink(conn, target, os.readlink(entry.path))
+                elif entry.is_dir(follow_symlinks=False):
+                    await walk(entry.path, target)
+                elif entry.is_file(follow_symlinks=False):
+                    copy.results.append(
+                        await put_file(conn, entry.path, target, resume=resume, progress=progress)
+                    )
+                # sockets, fifos and devices are not copied
 
     await walk(local, remote)
     for remote_dir, st in reversed(dirs):  # children first: their writes touch the parent
-        await setattr_path(conn, remote_dir, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
-    return results
+        with copy.entry(remote_dir):
+            await setattr_path(conn, remote_dir, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+    return copy.outcome()
 
 
 async def get_tree(
     conn: Connection, remote: str, local: str, *, resume: bool, progress: Progress | None
 ) -> list[TransferResult]:
-    """Copy the remote directory ``remote`` to ``local`` (created if missing)."""
-    results: list[TransferResult] = []
+    """Copy the remote directory ``remote`` to ``local`` (created if missing).
+
+    An entry that cannot be copied does not stop the others (TreeCopyError
+    at the end); the top directory itself must be readable.
+    """
+    copy = _TreeCopy()
     dirs: list[tuple[str, RemoteStat]] = []
 
     async def walk(remote_dir: str, local_dir: str, info: RemoteStat) -> None:
@@ -358,20 +425,22 @@ async def get_tree(
             assert entry.name is not None
             source = _join(remote_dir, entry.name)
             target = os.path.join(local_dir, entry.name)
-            if entry.type == "link" and entry.target is not None:
-                replace_symlink(entry.target, target)
-            elif entry.type == "dir":
-                await walk(source, target, entry)
-            elif entry.type == "file":
-                results.append(
-                    await get_file(conn, source, target, resume=resume, progress=progress)
-                )
+            with copy.entry(target):
+                if entry.type == "link" and entry.target is not None:
+                    replace_symlink(entry.target, target)
+                elif entry.type == "dir":
+                    await walk(source, target, entry)
+                elif entry.type == "file":
+                    copy.results.append(
+                        await get_file(conn, source, target, resume=resume, progress=progress)
+                    )
 
     top = await stat_path(conn, remote, follow=True)  # a link to a directory copies it
     if not top.is_dir:
         raise RemoteError(ErrorCode.NOT_A_DIRECTORY, f"{remote}: not a directory")
     await walk(remote, local, top)
     for local_dir, info in reversed(dirs):
-        os.chmod(local_dir, info.mode)
-        os.utime(local_dir, ns=(info.mtime_ns, info.mtime_ns))
-    return results
+        with copy.entry(local_dir):
+            os.chmod(local_dir, info.mode)
+            os.utime(local_dir, ns=(info.mtime_ns, info.mtime_ns))
+    return copy.outcome()
