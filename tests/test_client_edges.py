@@ -44,6 +44,19 @@ async def test_waiting_again_on_an_ended_command_does_not_hang(agent: Agent) -> 
         assert (await conn.run(["echo", "still fine"])).stdout == b"still fine\n"
 
 
+async def test_async_with_a_command_keeps_the_exception_of_its_block(tmp_path: Path) -> None:
+    """A block around a running command that fails after the connection broke:
+    its own exception comes out, not the ConnectionClosed of ending the command
+    on the way out (which replaced it)."""
+    agent = start_agent(tmp_path)
+    async with connect(agent) as conn:
+        with pytest.raises(ValueError, match="the block's own"):
+            async with await conn.exec(["sleep", "30"]):
+                agent.proc.kill()  # the client has not seen the connection end yet
+                agent.proc.wait(BOUND)
+                raise ValueError("the block's own")
+
+
 async def test_an_exec_cancelled_before_it_returns_is_ended(agent: Agent) -> None:
     """exec() waits for room to send its request; cancelled there, the command
     must not run on with nobody to read its output (which would stall the

@@ -206,10 +206,19 @@ class RemoteProcess:
     async def __aenter__(self) -> RemoteProcess:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        if not self.finished and self._wire.error is None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.finished or self._wire.error is not None:
+            return
+        try:
             await self.send_signal("KILL")
             await self.wait()
+        except TetherError:
+            # Leaving on an exception of its own, the block's error is the one
+            # to see, not that the clean-up failed too (the connection went).
+            if et is None:
+                raise
 
 
 class Connection:
