@@ -144,3 +144,30 @@ def test_a_directory_that_cannot_be_entered_is_named(tmp_path: Path) -> None:
     finally:
         agent.stop()
     check_clean_log(agent)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["exec", "--timeout", "{}", "127.0.0.1:1", "--", "true"],
+        ["exec", "--connect-timeout", "{}", "127.0.0.1:1", "--", "true"],
+        ["ping", "-i", "{}", "127.0.0.1:1"],
+        ["ping", "-W", "{}", "127.0.0.1:1"],
+        ["serve", "--idle-timeout", "{}", "--port", "0"],
+        ["serve", "--hello-timeout", "{}", "--port", "0"],
+        ["serve", "--grace", "{}", "--port", "0"],
+    ],
+    ids=lambda args: f"{args[0]} {args[1]}",
+)
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_a_duration_must_be_a_finite_number(args: list[str], value: str, tmp_path: Path) -> None:
+    """Durations that are not numbers JSON can carry are usage errors. They
+    passed: ``serve --idle-timeout inf`` then failed every connection with a
+    traceback (the idle timeout is in each hello reply), ``exec --timeout inf``
+    with "cannot encode frame header"."""
+    argv = [*TETHER, *(a.format(value) for a in args)]
+    if args[0] == "serve":
+        argv += ["--state-dir", str(tmp_path / "state"), "--root", str(tmp_path)]
+    r = subprocess.run(argv, capture_output=True, timeout=15, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r.stderr
+    assert f"'{value}' is not a finite number of seconds" in r.stderr.decode(), r.stderr

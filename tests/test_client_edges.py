@@ -57,6 +57,20 @@ async def test_async_with_a_command_keeps_the_exception_of_its_block(tmp_path: P
                 raise ValueError("the block's own")
 
 
+async def test_durations_that_json_cannot_carry_are_refused(agent: Agent) -> None:
+    """A timeout of inf or nan is a UsageError saying so, not "cannot encode
+    frame header"; an agent is not configured with one (it failed every
+    connection with it)."""
+    async with connect(agent) as conn:
+        for value in (float("inf"), float("nan"), 0.0):
+            with pytest.raises(tether.UsageError, match="finite number of seconds > 0"):
+                await conn.exec(["true"], timeout=value)
+        assert (await conn.run(["true"], timeout=5)).returncode == 0
+    for name in ("idle_timeout", "hello_timeout", "grace"):
+        with pytest.raises(tether.UsageError, match=f"{name} must be a finite number"):
+            tether.ServerConfig(token="x", **{name: float("inf")})
+
+
 async def test_an_exec_cancelled_before_it_returns_is_ended(agent: Agent) -> None:
     """exec() waits for room to send its request; cancelled there, the command
     must not run on with nobody to read its output (which would stall the

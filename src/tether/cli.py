@@ -30,6 +30,24 @@ EXIT_SIGPIPE = 128 + 13  # our stdout went away, as a process killed by SIGPIPE
 STDIN_CHUNK = 256 * 1024  # bytes read from local stdin at a time
 
 
+class Seconds(click.FloatRange):
+    """An option's duration: a finite number of seconds within the range.
+
+    FloatRange alone lets ``nan`` through (no comparison holds) and ``inf``
+    through an open top; neither can be sent (JSON has no such numbers).
+    """
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import math
+
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return seconds
+
+
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     click.echo(f"tether: {message}", err=True)
     sys.exit(code)
@@ -129,7 +147,7 @@ def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--connect-timeout",
-            type=click.FloatRange(min=0, min_open=True),
+            type=Seconds(min=0, min_open=True),
             default=10.0,
             show_default=True,
             help="Seconds to connect and authenticate.",
@@ -220,7 +238,7 @@ def _parse_env(values: Sequence[str]) -> dict[str, str]:
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(min=0, min_open=True),
     help="Seconds before the agent ends the command.",
 )
 @click.option("--cwd", help="Directory to run in, relative to the agent's root.")
@@ -694,7 +712,7 @@ async def _echo(host: str, text: str, connect: dict[str, Any]) -> int:
 @click.option(
     "-i",
     "interval",
-    type=click.FloatRange(min=0.01),
+    type=Seconds(min=0.01),
     default=1.0,
     show_default=True,
     help="Seconds between pings.",
@@ -702,7 +720,7 @@ async def _echo(host: str, text: str, connect: dict[str, Any]) -> int:
 @click.option(
     "-W",
     "wait",
-    type=click.FloatRange(min=0.01),
+    type=Seconds(min=0.01),
     default=1.0,
     show_default=True,
     help="Seconds to wait for each reply.",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import fail, run_main
+from .cli import Seconds, fail, run_main
 
 if TYPE_CHECKING:
     import ssl
@@ -59,7 +59,7 @@ TOKENS_FILE_NAME = "tokens"  # in the state directory, beside the agent's own to
 )
 @click.option(
     "--grace",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0),
     default=10.0,
     show_default=True,
     help="Seconds running requests get to finish on SIGTERM.",
@@ -95,7 +95,7 @@ TOKENS_FILE_NAME = "tokens"  # in the state directory, beside the agent's own to
 )
 @click.option(
     "--idle-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(min=0, min_open=True),
     default=300.0,
     show_default=True,
     help="Seconds before a silent authenticated connection is closed.",
@@ -131,7 +131,7 @@ TOKENS_FILE_NAME = "tokens"  # in the state directory, beside the agent's own to
 )
 @click.option(
     "--hello-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(min=0, min_open=True),
     default=10.0,
     show_default=True,
     help="Seconds a new connection gets to authenticate.",

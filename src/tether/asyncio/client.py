@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import math
 import os
 import socket
 import struct
@@ -461,6 +462,8 @@ class Connection:
             raise UsageError("argv must be a sequence of strings; use shell= for a command line")
         if (argv is None) == (shell is None):
             raise UsageError("give exactly one of argv and shell")
+        if timeout is not None and not 0 < timeout < math.inf:  # nan fails it too
+            raise UsageError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
         argv_list = list(argv) if argv is not None else None
         env_dict = dict(env) if env is not None else None
         request_id, queue = self._open(

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import locale
 import logging
+import math
 import os
 import socket
 import ssl
@@ -68,6 +69,15 @@ class ServerConfig:
     max_execs: int = 256  # on the whole agent
     max_auth_failures: int = 10  # failed hellos per address per minute before a block
     audit_log: str | None = None  # JSON lines file (also logged at info level)
+
+    def __post_init__(self) -> None:
+        # Checked here, not when the first client comes: the idle timeout
+        # goes into every hello reply, and JSON has no infinity nor NaN.
+        if not 0 <= self.grace < math.inf:  # nan fails every comparison
+            raise UsageError(f"grace must be a finite number of seconds >= 0, not {self.grace!r}")
+        for name in ("hello_timeout", "idle_timeout"):
+            if not 0 < (value := getattr(self, name)) < math.inf:
+                raise UsageError(f"{name} must be a finite number of seconds > 0, not {value!r}")
 
 
 def _remove_stale_socket(path: str) -> None:
