@@ -1283,6 +1283,46 @@ def test_progress_bars_for_a_tree_show_each_file_and_a_total(
     assert any("first.bin" in s and "/s" in s for s in during)
 
 
+def test_names_in_progress_bars_are_shown_as_they_are_not_obeyed(
+    agent: Agent, tmux: Tmux, tmp_path: Path
+) -> None:
+    """A file name is neither markup nor terminal control: "[red]" in a name
+    was taken as rich markup (the bar showed the name without it, in red); an
+    escape sequence in a name (here: clear the screen) reached the terminal.
+    Names come from the agent on a download, as in scp's CVE-2019-6109."""
+    top = agent.root / "names"
+    top.mkdir()
+    (top / "[red]tinted").write_bytes(b"one")
+    (top / "x\x1b[2Jcleared").write_bytes(b"two")
+    _, final = run_in_terminal(
+        tmux, agent, tmp_path, ["cp", "-r", f"{agent.host}:names", str(tmp_path / "got")]
+    )
+    assert "tether-exit=0" in final, final
+    assert snapshot(tmp_path / "got") == snapshot(top)
+    assert "[red]tinted" in final, final
+    assert "x\\x1b[2Jcleared" in final, final  # shown escaped, the screen not cleared
+
+
+def test_names_and_messages_from_the_agent_are_escaped(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    """What tether prints of a name (ls, an error) has its control characters
+    escaped: one line per entry, nothing a terminal would act on. --json keeps
+    the name exactly."""
+    (agent.root / "d").mkdir()
+    evil = "a\x1b]0;owned\x07\nb"
+    (agent.root / "d" / evil).write_bytes(b"x")
+    proc = tether_cli.run(["ls", f"{agent.host}:d"], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(" a\\x1b]0;owned\\x07\\x0ab"), lines
+    listed = tether_cli.run(["ls", "--json", f"{agent.host}:d"], env=agent.env)
+    assert [e["name"] for e in json.loads(listed.stdout)] == [evil]
+    proc = tether_cli.run(["cp", f"{agent.host}:d/{evil}.missing", str(tmp_path)], env=agent.env)
+    line = assert_one_line_error(proc, 1, "\\x1b]0;owned\\x07\\x0ab.missing")
+    assert "\x1b" not in line and "\x07" not in line
+
+
 @pytest.mark.slow
 def test_no_progress_bar_with_q_on_a_terminal(agent: Agent, tmux: Tmux, tmp_path: Path) -> None:
     source = tmp_path / "quiet-demo.bin"

@@ -48,8 +48,16 @@ class Seconds(click.FloatRange):
         return seconds
 
 
+def warn(message: str) -> None:
+    """``tether: MESSAGE`` on stderr, its control characters escaped (names and
+    messages may come from the agent)."""
+    from .terminal import printable
+
+    click.echo(f"tether: {printable(message)}", err=True)
+
+
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    click.echo(f"tether: {message}", err=True)
+    warn(message)
     sys.exit(code)
 
 
@@ -93,7 +101,7 @@ def _local_failure(exc: OSError, what: str | None = None) -> int:
         return EXIT_SIGPIPE
     where = what or exc.filename
     prefix = f"{where}: " if where else ""
-    click.echo(f"tether: {prefix}{exc.strerror or exc}", err=True)
+    warn(f"{prefix}{exc.strerror or exc}")
     return EXIT_FAILURE
 
 
@@ -314,7 +322,7 @@ async def _exec(
                 stream.write(chunk.data)
                 stream.flush()  # live output, not at the end
         except tether.RemoteError as exc:
-            click.echo(f"tether: {exc.message}", err=True)
+            warn(exc.message)
             return {
                 "not_found": EXIT_NOT_FOUND,
                 "permission_denied": EXIT_CANNOT_RUN,
@@ -326,7 +334,7 @@ async def _exec(
     status = proc.exit_status
     assert status is not None
     if status.timed_out:
-        click.echo(f"tether: command timed out after {timeout:g}s and was ended", err=True)
+        warn(f"command timed out after {timeout:g}s and was ended")
         return EXIT_TIMEOUT
     return status.returncode
 
@@ -443,13 +451,13 @@ async def _copy(
             # The rest of the tree was copied: name every entry that was not.
             _warn_restarted(exc.results)
             for failure in exc.failures:
-                click.echo(f"tether: {failure}", err=True)
+                warn(str(failure))
             return 1
         except (tether.RemoteError, tether.TransferError, _CopyRefused) as exc:
-            click.echo(f"tether: {exc}", err=True)
+            warn(str(exc))
             return 1
         except OSError as exc:  # the local side, before any transfer started
-            click.echo(f"tether: {exc.filename}: {exc.strerror}", err=True)
+            warn(f"{exc.filename}: {exc.strerror}")
             return 1
     _warn_restarted(results)
     return 0
@@ -458,11 +466,7 @@ async def _copy(
 def _warn_restarted(results: list[tether.TransferResult]) -> None:
     for result in results:
         if result.restarted:
-            click.echo(
-                f"tether: warning: {result.path} changed since the partial copy; "
-                "copied from the start",
-                err=True,
-            )
+            warn(f"warning: {result.path} changed since the partial copy; copied from the start")
 
 
 class _CopyRefused(Exception):
@@ -550,7 +554,7 @@ def _into(
     if not in_place:
         return join(directory, name)
     if not quiet:
-        click.echo(f"tether: resuming the interrupted copy in {directory}", err=True)
+        warn(f"resuming the interrupted copy in {directory}")
     return directory
 
 
@@ -641,7 +645,7 @@ async def _ls(remote: tether.RemotePath, as_json: bool, connect: dict[str, Any])
                 name = posixpath.basename(remote.path.rstrip("/")) or remote.path
                 entries = [dataclasses_replace(info, name=name)]
         except tether.RemoteError as exc:
-            click.echo(f"tether: {exc.message}", err=True)
+            warn(exc.message)
             return 1
     if as_json:
         rows = [
@@ -659,6 +663,8 @@ async def _ls(remote: tether.RemotePath, as_json: bool, connect: dict[str, Any])
         # os.fsencode() turns back into its bytes.
         _write_line(json.dumps(rows))
         return 0
+    from tether.terminal import printable
+
     kinds = {"dir": stat_module.S_IFDIR, "link": stat_module.S_IFLNK, "file": stat_module.S_IFREG}
     for e in entries:
         mode = stat_module.filemode(kinds.get(e.type, 0) | e.mode)
@@ -666,7 +672,8 @@ async def _ls(remote: tether.RemotePath, as_json: bool, connect: dict[str, Any])
         name = e.name or ""
         if e.target is not None:
             name += f" -> {e.target}"
-        _write_line(f"{mode} {e.size:>12} {when} {name}")
+        # One line per entry whatever the name holds (--json gives it exactly).
+        _write_line(f"{mode} {e.size:>12} {when} {printable(name)}")
     return 0
 
 

@@ -7,6 +7,8 @@ import sys
 from types import TracebackType
 from typing import Any
 
+from .terminal import printable
+
 __all__ = ["TransferBars"]
 
 
@@ -38,7 +40,8 @@ class TransferBars:
             )
 
             self._progress = Progress(
-                TextColumn("{task.description}", justify="left"),
+                # A file name is not markup ("[red]" in one would colour it).
+                TextColumn("{task.description}", justify="left", markup=False),
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
@@ -62,7 +65,7 @@ class TransferBars:
         task = self._tasks.get(path)
         if task is None:
             name = os.path.basename(path.rstrip("/")) or path
-            task = self._progress.add_task(name, total=total)
+            task = self._progress.add_task(printable(name), total=total)
             self._tasks[path] = task
             if len(self._tasks) == 2 and self._total_task is None:
                 # A second file: it is a tree, show the sum too.
