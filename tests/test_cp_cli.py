@@ -874,6 +874,32 @@ def test_cp_directory_where_a_file_is_expected(
     assert partials(agent.root, tmp_path) == []
 
 
+def test_cp_r_names_what_it_leaves_out(agent: Agent, tether_cli: type[Cli], tmp_path: Path) -> None:
+    """Sockets and FIFOs in a tree are not copied: each is named on stderr
+    (they were left out silently), and the copy succeeds, as with scp."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "file").write_bytes(b"copied")
+    os.mkfifo(src / "fifo")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(src / "sock"))
+        proc = tether_cli.run(["cp", "-r", str(src), f"{agent.host}:up"], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.decode().splitlines() == [
+        f"tether: {src}/{name}: not a regular file, directory or symlink; not copied"
+        for name in ("fifo", "sock")
+    ]
+    assert sorted(os.listdir(agent.root / "up")) == ["file"]
+    # Downloading, the agent's FIFO is named by its remote path.
+    proc = tether_cli.run(["cp", "-r", f"{agent.host}:up", str(tmp_path / "down")], env=agent.env)
+    assert_silent_success(proc)
+    os.mkfifo(agent.root / "up" / "fifo")
+    proc = tether_cli.run(["cp", "-r", f"{agent.host}:up", str(tmp_path / "again")], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b"tether: up/fifo: not a regular file, directory or symlink; not copied\n"
+    assert sorted(os.listdir(tmp_path / "again")) == ["file"]
+
+
 # The agent as root without the capabilities that let root read and write
 # whatever it likes: file permissions apply to it as to any user.
 NO_BYPASS = "-dac_override,-dac_read_search"

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .asyncio.connecting import connect
     from .asyncio.loop import run
     from .asyncio.server import Server, ServerConfig
-    from .asyncio.transfer import Progress, RemoteStat, TransferResult
+    from .asyncio.transfer import Progress, RemoteStat, Skipped, TransferResult
     from .asyncio.udp import PingReply, ping
     from .exceptions import (
         AuthenticationError,
@@ -58,6 +58,7 @@ _EXPORTS = {
     "ServerConfig": "asyncio.server",
     "Progress": "asyncio.transfer",
     "RemoteStat": "asyncio.transfer",
+    "Skipped": "asyncio.transfer",
     "TransferResult": "asyncio.transfer",
     "PingReply": "asyncio.udp",
     "ping": "asyncio.udp",
@@ -120,6 +121,7 @@ __all__ = [
     "RemoteStat",
     "Server",
     "ServerConfig",
+    "Skipped",
     "TetherError",
     "TimeoutError",
     "TransferError",

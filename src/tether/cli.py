@@ -509,7 +509,9 @@ async def _upload(
     total = _tree_size(local) if is_dir else os.path.getsize(local)
     with TransferBars(quiet=quiet, total=total) as bars:
         if is_dir:
-            return await conn.put_tree(local, target, resume=resume, progress=bars)
+            return await conn.put_tree(
+                local, target, resume=resume, progress=bars, skipped=_say_skipped
+            )
         return [await conn.put(local, target, resume=resume, progress=bars)]
 
 
@@ -541,8 +543,15 @@ async def _download(
         raise _CopyRefused(f"{target}: no such directory")
     with TransferBars(quiet=quiet, total=None if info.is_dir else info.size) as bars:
         if info.is_dir:
-            return await conn.get_tree(source, target, resume=resume, progress=bars)
+            return await conn.get_tree(
+                source, target, resume=resume, progress=bars, skipped=_say_skipped
+            )
         return [await conn.get(source, target, resume=resume, progress=bars)]
+
+
+def _say_skipped(path: str) -> None:
+    # As scp: named, not an error.
+    warn(f"{path}: not a regular file, directory or symlink; not copied")
 
 
 def _into(

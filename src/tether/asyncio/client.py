@@ -397,17 +397,19 @@ class Connection:
         *,
         resume: bool = False,
         progress: transfer.Progress | None = None,
+        skipped: transfer.Skipped | None = None,
     ) -> list[transfer.TransferResult]:
         """Download the directory ``remote`` as ``local``: files, empty
         directories, symlinks (as links), modes and mtimes.
 
         An entry that cannot be copied (unreadable, vanished...) does not stop
         the rest: :class:`~tether.TreeCopyError` at the end names each one.
+        Sockets, FIFOs and devices are left out, each passed to ``skipped``.
         """
         from . import transfer
 
         return await transfer.get_tree(
-            self, remote, os.fspath(local), resume=resume, progress=progress
+            self, remote, os.fspath(local), resume=resume, progress=progress, skipped=skipped
         )
 
     async def put_tree(
@@ -417,12 +419,13 @@ class Connection:
         *,
         resume: bool = False,
         progress: transfer.Progress | None = None,
+        skipped: transfer.Skipped | None = None,
     ) -> list[transfer.TransferResult]:
         """Upload the directory ``local`` as ``remote`` (see :meth:`get_tree`)."""
         from . import transfer
 
         return await transfer.put_tree(
-            self, os.fspath(local), remote, resume=resume, progress=progress
+            self, os.fspath(local), remote, resume=resume, progress=progress, skipped=skipped
         )
 
     async def echo(self, data: str | bytes) -> str | bytes:

@@ -47,7 +47,7 @@ from .fileio import FileSource, PartialFile, error_from_os, replace_symlink
 if TYPE_CHECKING:
     from .client import Connection
 
-__all__ = ["Progress", "RemoteStat", "TransferResult"]
+__all__ = ["Progress", "RemoteStat", "Skipped", "TransferResult"]
 
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(path, done, total)``: at least every 1 MiB or second,
@@ -312,12 +312,22 @@ _ENTRY_CODES = frozenset(
 )
 
 
+Skipped = Callable[[str], None]
+"""Called as ``skipped(path)`` for each entry a tree copy leaves out: neither a
+regular file, a directory nor a symlink (a socket, a FIFO, a device)."""
+
+
 class _TreeCopy:
     """The files a tree copy has copied, and the entries it could not."""
 
-    def __init__(self) -> None:
+    def __init__(self, skipped: Skipped | None) -> None:
         self.results: list[TransferResult] = []
         self.failures: list[TetherError] = []
+        self.skipped = skipped
+
+    def skip(self, path: str) -> None:
+        if self.skipped is not None:
+            self.skipped(path)
 
     @contextlib.contextmanager
     def entry(self, shown: str) -> Iterator[None]:
@@ -348,7 +358,13 @@ def _join(base: str, name: str) -> str:
 
 
 async def put_tree(
-    conn: Connection, local: str, remote: str, *, resume: bool, progress: Progress | None
+    conn: Connection,
+    local: str,
+    remote: str,
+    *,
+    resume: bool,
+    progress: Progress | None,
+    skipped: Skipped | None = None,
 ) -> list[TransferResult]:
     """Copy the directory ``local`` to ``remote`` (created if missing).
 
@@ -357,7 +373,7 @@ async def put_tree(
     entry that cannot be copied does not stop the others (TreeCopyError at
     the end); the top directory itself must be readable.
     """
-    copy = _TreeCopy()
+    copy = _TreeCopy(skipped)
     dirs: list[tuple[str, os.stat_result]] = []
 
     async def walk(local_dir: str, remote_dir: str) -> None:
@@ -382,7 +398,8 @@ async def put_tree(
                     copy.results.append(
                         await put_file(conn, entry.path, target, resume=resume, progress=progress)
                     )
-                # sockets, fifos and devices are not copied
+                else:  # a socket, a FIFO, a device
+                    copy.skip(entry.path)
 
     await walk(local, remote)
     for remote_dir, st in reversed(dirs):  # children first: their writes touch the parent
@@ -392,14 +409,20 @@ async def put_tree(
 
 
 async def get_tree(
-    conn: Connection, remote: str, local: str, *, resume: bool, progress: Progress | None
+    conn: Connection,
+    remote: str,
+    local: str,
+    *,
+    resume: bool,
+    progress: Progress | None,
+    skipped: Skipped | None = None,
 ) -> list[TransferResult]:
     """Copy the remote directory ``remote`` to ``local`` (created if missing).
 
     An entry that cannot be copied does not stop the others (TreeCopyError
     at the end); the top directory itself must be readable.
     """
-    copy = _TreeCopy()
+    copy = _TreeCopy(skipped)
     dirs: list[tuple[str, RemoteStat]] = []
 
     async def walk(remote_dir: str, local_dir: str, info: RemoteStat) -> None:
@@ -434,6 +457,8 @@ async def get_tree(
                     copy.results.append(
                         await get_file(conn, source, target, resume=resume, progress=progress)
                     )
+                else:  # a socket, a FIFO, a device
+                    copy.skip(source)
 
     top = await stat_path(conn, remote, follow=True)  # a link to a directory copies it
     if not top.is_dir:
