@@ -1019,20 +1019,48 @@ def test_cp_and_ls_with_the_server_down_exit_255(tether_cli: type[Cli], tmp_path
 # 6. Kill the CLI mid-transfer, then --resume ----------------------------------------------
 
 
-@pytest.mark.slow
-def test_kill_cli_mid_put_then_resume(agent: Agent, big_file: Path) -> None:
-    dest = agent.root / "big"
-    part = agent.root / f".big{PART}"
-    with Proxy(agent, rate=KILL_RATE) as slow:
-        proc = spawn_cli(["cp", big_file, f"{slow.host}:big"], env=agent.env)
+TREE_BIG = 48 * MiB  # the file of a tree that the kill below lands in
+TREE_KILL_AT = 8 * MiB
+TREE_KILL_RATE = 16e6
+
+
+def make_resumable_tree(top: Path) -> None:
+    """A tree whose copy is interrupted in its last file: 'a' and 'sub/b' come
+    first (sorted), then 'zbig', which the kill lands in."""
+    (top / "sub").mkdir(parents=True)
+    (top / "a").write_bytes(b"first")
+    (top / "sub" / "b").write_bytes(b"second")
+    write_random(top / "zbig", TREE_BIG)
+    top.chmod(0o755)
+
+
+def interrupt(
+    args: Callable[[str], Sequence[PathArg]],
+    agent: Agent,
+    part: Path,
+    rate: float = TREE_KILL_RATE,
+    kill_at: int = TREE_KILL_AT,
+) -> None:
+    """Run ``tether ARGS(host)`` through a relay to ``agent`` at ``rate`` and
+    SIGKILL it once ``part`` holds ``kill_at`` bytes; wait until nobody holds
+    the partial file (the agent lets go of a put's when it sees the end)."""
+    with Proxy(agent, rate=rate) as slow:
+        proc = spawn_cli(args(slow.host), env=agent.env)
         try:
-            wait_for(lambda: size_of(part) >= KILL_AT or proc.poll() is not None, "the partial")
-            assert proc.poll() is None, "the put ended before it could be interrupted"
+            wait_for(lambda: size_of(part) >= kill_at or proc.poll() is not None, "a partial")
+            assert proc.poll() is None, "the copy ended before it could be interrupted"
             proc.send_signal(signal.SIGKILL)
         finally:
             kill_and_reap(proc)
     assert proc.returncode == -signal.SIGKILL
-    wait_for(lambda: part.exists() and unlocked(part), "the agent to let go of the partial")
+    wait_for(lambda: part.exists() and unlocked(part), "the partial file to be let go")
+
+
+@pytest.mark.slow
+def test_kill_cli_mid_put_then_resume(agent: Agent, big_file: Path) -> None:
+    dest = agent.root / "big"
+    part = agent.root / f".big{PART}"
+    interrupt(lambda host: ["cp", big_file, f"{host}:big"], agent, part, KILL_RATE, KILL_AT)
     have = size_of(part)
     assert 0 < have < BIG_SIZE
     assert not dest.exists()
@@ -1052,15 +1080,7 @@ def test_kill_cli_mid_get_then_resume(agent: Agent, big_file: Path, tmp_path: Pa
     out.mkdir()
     dest = out / "big"
     part = out / f".big{PART}"
-    with Proxy(agent, rate=KILL_RATE) as slow:
-        proc = spawn_cli(["cp", f"{slow.host}:big", out], env=agent.env)
-        try:
-            wait_for(lambda: size_of(part) >= KILL_AT or proc.poll() is not None, "the partial")
-            assert proc.poll() is None, "the get ended before it could be interrupted"
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            kill_and_reap(proc)
-    assert proc.returncode == -signal.SIGKILL
+    interrupt(lambda host: ["cp", f"{host}:big", out], agent, part, KILL_RATE, KILL_AT)
     have = size_of(part)
     assert 0 < have < BIG_SIZE
     assert not dest.exists()
@@ -1070,35 +1090,6 @@ def test_kill_cli_mid_get_then_resume(agent: Agent, big_file: Path, tmp_path: Pa
     assert_same_file(dest, big_file)
     assert partials(out) == []
     assert BIG_SIZE - have <= counted.down <= resume_bound(BIG_SIZE - have)
-
-
-TREE_BIG = 48 * MiB  # the file of a tree that the kill below lands in
-TREE_KILL_AT = 8 * MiB
-TREE_KILL_RATE = 16e6
-
-
-def make_resumable_tree(top: Path) -> None:
-    """A tree whose copy is interrupted in its last file: 'a' and 'sub/b' come
-    first (sorted), then 'zbig', which the kill lands in."""
-    (top / "sub").mkdir(parents=True)
-    (top / "a").write_bytes(b"first")
-    (top / "sub" / "b").write_bytes(b"second")
-    write_random(top / "zbig", TREE_BIG)
-    top.chmod(0o755)
-
-
-def interrupt(args: Callable[[str], Sequence[PathArg]], agent: Agent, part: Path) -> None:
-    """Run ``tether ARGS(host)`` through a slow relay to ``agent`` and kill it
-    once ``part`` holds ``TREE_KILL_AT`` bytes."""
-    with Proxy(agent, rate=TREE_KILL_RATE) as slow:
-        proc = spawn_cli(args(slow.host), env=agent.env)
-        try:
-            wait_for(lambda: size_of(part) >= TREE_KILL_AT or proc.poll() is not None, "a partial")
-            assert proc.poll() is None, "the copy ended before it could be interrupted"
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            kill_and_reap(proc)
-    wait_for(lambda: part.exists() and unlocked(part), "the partial file to be let go")
 
 
 def test_cp_r_resume_goes_on_in_the_directory_the_interrupted_put_made(
