@@ -931,9 +931,31 @@ def test_cp_r_get_goes_past_what_it_cannot_read(tether_cli: type[Cli], tmp_path:
     ]
     copied = sorted(str(p.relative_to(back)) for p in back.rglob("*"))
     assert copied == ["a", "sub", "sub/b", "zz"]
+    # The copy made "back" and did not copy everything: it stays marked
+    # unfinished (mode 1700), for a --resume once the entries are readable.
+    assert stat.S_IMODE(back.stat().st_mode) == 0o1700
     for name in ("a", "sub/b", "zz"):
         assert (back / name).read_bytes() == name.encode()
     assert partials(back) == []
+
+
+def test_cp_r_resume_into_a_drop_directory(tether_cli: type[Cli], tmp_path: Path) -> None:
+    """A directory others may write into but not list (0333): ``cp -r
+    --resume`` copies into it by name; deciding whether it was an unfinished
+    copy must not need a listing the agent cannot make."""
+    agent = start_agent(tmp_path, launcher=NO_BYPASS_LAUNCHER)
+    try:
+        src = tmp_path / "report"
+        src.mkdir()
+        (src / "data").write_bytes(b"for the drop box")
+        (agent.root / "incoming").mkdir()
+        (agent.root / "incoming").chmod(0o333)
+        args = ["cp", "-r", "-q", "--resume", str(src), f"{agent.host}:incoming"]
+        assert_silent_success(tether_cli.run(args, env=agent.env))
+        assert (agent.root / "incoming" / "report" / "data").read_bytes() == b"for the drop box"
+    finally:
+        agent.stop()
+    check_clean_log(agent)
 
 
 def test_cp_r_put_goes_past_what_the_agent_refuses(
@@ -1025,11 +1047,12 @@ TREE_KILL_RATE = 16e6
 
 
 def make_resumable_tree(top: Path) -> None:
-    """A tree whose copy is interrupted in its last file: 'a' and 'sub/b' come
-    first (sorted), then 'zbig', which the kill lands in."""
-    (top / "sub").mkdir(parents=True)
+    """A tree whose copy is interrupted in its last file: 'a' and 'TOP/b' come
+    first (sorted), then 'zbig', which the kill lands in. It holds a directory
+    of its own name, as Python and Django projects do (mysite/mysite)."""
+    (top / top.name).mkdir(parents=True)
     (top / "a").write_bytes(b"first")
-    (top / "sub" / "b").write_bytes(b"second")
+    (top / top.name / "b").write_bytes(b"second")
     write_random(top / "zbig", TREE_BIG)
     top.chmod(0o755)
 
@@ -1105,13 +1128,12 @@ def test_cp_r_resume_goes_on_in_the_directory_the_interrupted_put_made(
     part = dest / f".zbig{PART}"
     interrupt(lambda host: ["cp", "-r", src, f"{host}:dest"], agent, part)
     have = size_of(part)
-    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o700  # what tells an unfinished copy
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o1700  # what tells an unfinished copy
     with Proxy(agent) as counted:
         done = run_cli(["cp", "-r", "--resume", src, f"{counted.host}:dest"], env=agent.env)
     assert done.returncode == 0, done.stderr
     assert done.stderr == b"tether: resuming the interrupted copy in dest\n"
-    assert snapshot(dest) == snapshot(src)
-    assert not (dest / "src").exists()
+    assert snapshot(dest) == snapshot(src)  # not a second copy in dest/src
     assert partials(agent.root) == []
     assert counted.up <= resume_bound(TREE_BIG - have)
 
@@ -1119,42 +1141,49 @@ def test_cp_r_resume_goes_on_in_the_directory_the_interrupted_put_made(
 def test_cp_r_resume_goes_on_in_the_directory_the_interrupted_get_made(
     agent: Agent, tmp_path: Path
 ) -> None:
-    """The download side of the test above."""
+    """The download side of the test above; DEST given with a slash this time,
+    as a shell's completion writes it once the directory exists."""
     make_resumable_tree(agent.root / "t")
     back = tmp_path / "back"
     part = back / f".zbig{PART}"
     interrupt(lambda host: ["cp", "-r", f"{host}:t", back], agent, part)
     have = size_of(part)
     with Proxy(agent) as counted:
-        done = run_cli(["cp", "-r", "--resume", f"{counted.host}:t", back], env=agent.env)
+        done = run_cli(["cp", "-r", "--resume", f"{counted.host}:t", f"{back}/"], env=agent.env)
     assert done.returncode == 0, done.stderr
-    assert done.stderr == f"tether: resuming the interrupted copy in {back}\n".encode()
+    assert done.stderr == f"tether: resuming the interrupted copy in {back}/\n".encode()
     assert snapshot(back) == snapshot(agent.root / "t")
     assert partials(back) == []
     assert counted.down <= resume_bound(TREE_BIG - have)
 
 
 @pytest.mark.parametrize(
-    ("mode", "dest", "expected"),
+    ("dest", "expected"),
     [
-        (0o40700, {"a": "file"}, True),
-        (0o40700, {"a": "file", "sub": "dir", "ln": "link", f".a{PART}": "file"}, True),
-        (0o40700, {f".a{PART}": "file"}, True),  # cut in the first file
-        (0o40755, {"a": "file"}, False),  # a finished copy, or not one at all
-        (0o40700, {}, False),
-        (0o40700, {"a": "dir"}, False),  # not of the same type
-        (0o40700, {f".sub{PART}": "file"}, False),  # "sub" is a directory
-        (0o40700, {"a": "file", "b": "file"}, False),  # "b" is not in the source
-        (0o40700, {"a": "file", "src": "dir"}, False),  # holds the source by name
+        ({}, True),  # cut right after the directory was made
+        ({"a": "file"}, True),
+        ({"a": "file", "sub": "dir", "ln": "link", f".a{PART}": "file"}, True),
+        ({f".a{PART}": "file"}, True),  # cut in the first file
+        ({"src": "dir"}, True),  # the source holds a directory of its own name
+        ({"a": "dir"}, False),  # not of the same type
+        ({f".sub{PART}": "file"}, False),  # "sub" is a directory
+        ({"a": "file", "b": "file"}, False),  # "b" is not in the source
     ],
 )
-def test_what_counts_as_an_interrupted_tree_copy(
-    mode: int, dest: dict[str, str], expected: bool
-) -> None:
-    from tether.cli import _interrupted_copy
+def test_what_an_unfinished_copy_of_a_source_holds(dest: dict[str, str], expected: bool) -> None:
+    from tether.cli import _holds_only_parts_of
 
-    source = {"a": "file", "sub": "dir", "ln": "link"}
-    assert _interrupted_copy(mode, dest, source, "src") is expected
+    source = {"a": "file", "sub": "dir", "ln": "link", "src": "dir"}
+    assert _holds_only_parts_of(dest, source) is expected
+
+
+def test_only_the_mark_of_a_tree_copy_counts_as_unfinished() -> None:
+    """0700 is common (home directories, ~/.ssh): it must not count."""
+    from tether.cli import _unfinished
+
+    assert _unfinished(stat.S_IFDIR | 0o1700)
+    for mode in (0o700, 0o755, 0o1777, 0o3700, 0o1750):
+        assert not _unfinished(stat.S_IFDIR | mode), oct(mode)
 
 
 def test_cp_r_resume_into_a_directory_that_was_there_copies_by_name(
@@ -1166,10 +1195,13 @@ def test_cp_r_resume_into_a_directory_that_was_there_copies_by_name(
     (src / "sub").mkdir(parents=True)
     (src / "a").write_bytes(b"new")
     cases = {
-        "other": (0o755, {"a": b"kept"}),  # not 0700: made by someone
-        "private": (0o700, {"a": b"kept", "notes": b"not in src"}),  # holds what src has not
-        "empty": (0o700, {}),  # more likely made to receive the copy
-        "slash/": (0o700, {"a": b"kept"}),  # DEST/ says: into this directory
+        "other": (0o755, {"a": b"kept"}),
+        # 0700 and holding only names the source has: a home directory, ~/.ssh
+        "private": (0o700, {"a": b"kept"}),
+        "empty": (0o700, {}),
+        "slash/": (0o700, {"a": b"kept"}),
+        # marked unfinished, but holds what the source has not: another copy
+        "another": (0o1700, {"a": b"kept", "notes": b"not in src"}),
     }
     for name, (mode, files) in cases.items():
         dest = agent.root / name.rstrip("/")

@@ -34,6 +34,7 @@ OLD_MTIME_NS = 1_234_567_890_123_456_789  # 2009, with nanoseconds that must sur
 OTHER_MTIME_NS = 1_111_111_111_987_654_321
 BIG = 300 * 1000 * 1000  # the issue's 300 MB file
 LARGE = 200 * MiB  # long enough to interrupt or modify mid-transfer
+ROUNDS = 6  # of a test that a race does not happen
 
 ProgressCall = tuple[str, int, int]
 
@@ -554,6 +555,72 @@ async def test_a_full_disk_ends_a_tree_copy_at_once(agent: Agent, tmp_path: Path
         assert not isinstance(info.value, tether.TreeCopyError)
         assert info.value.code == "no_space"
         assert os.listdir(agent.root / "small" / "copy") == []
+        # After an entry that failed on its own, the error that ends the copy
+        # comes with it: the earlier failure is not lost.
+        (src / "0-first").write_bytes(b"its destination is a directory")
+        (agent.root / "small" / "copy2" / "0-first" / "inner").mkdir(parents=True)
+        async with connect(agent) as conn:
+            with pytest.raises(tether.TreeCopyError) as stopped:
+                await conn.put_tree(src, "small/copy2")
+    error = stopped.value
+    assert [f.code for f in error.failures] == ["is_a_directory", "no_space"]
+    assert error.stopped_by is error.failures[-1]
+    assert error.code == "no_space"
+    assert str(error) == f"{error.stopped_by} (and 1 more)"
+    assert error.results == []
+
+
+async def test_a_file_too_large_for_the_agent_fails_alone(tmp_path: Path) -> None:
+    """A file over a limit of one file (EFBIG: a file-size rlimit here, as a
+    FAT file system's 4 GiB) fails that file, io_error; the tree goes on."""
+    agent = start_agent(tmp_path, launcher=["prlimit", f"--fsize={MiB}", "--"])
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        write_random(src / "a-big", 2 * MiB)
+        (src / "b-small").write_bytes(b"fits")
+        async with connect(agent) as conn:
+            with pytest.raises(tether.TreeCopyError) as info:
+                await conn.put_tree(src, "copy")
+    finally:
+        agent.stop()
+    check_clean_log(agent)
+    assert [(f.code, f.message) for f in info.value.failures] == [
+        ("io_error", "copy/a-big: File too large")
+    ]
+    assert info.value.stopped_by is None
+    assert (agent.root / "copy" / "b-small").read_bytes() == b"fits"
+    assert partials(agent.root) == []
+
+
+async def test_a_failed_put_in_a_tree_is_cleaned_up_before_the_tree_goes_on(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """A file that changes while it is sent fails; the agent removes its
+    partial file, which changes the directory's mtime. The copy waits for the
+    agent to confirm the cancel before it gives the directory its own mtime
+    (it could come after, leaving the directory with today's mtime)."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    write_random(src / "d" / "changing", 32 * MiB)
+    for path in (src / "d", src):
+        os.utime(path, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
+
+    def change_it(path: str, done: int, total: int) -> None:
+        # Found when the whole file has been sent: the agent may still be
+        # writing its end, and its cleanup waits for that write (the window).
+        if done < total:
+            os.utime(src / "d" / "changing", ns=(OTHER_MTIME_NS, OTHER_MTIME_NS))
+
+    async with connect(agent) as conn:
+        for attempt in range(ROUNDS):  # a race: a few rounds to see it lost
+            with pytest.raises(tether.TreeCopyError) as info:
+                await conn.put_tree(src, f"copy{attempt}", progress=change_it)
+            assert [f.code for f in info.value.failures] == ["source_changed"]
+            # Checked at once: the agent must have finished with the put by now.
+            assert partials(agent.root) == [], attempt
+            assert os.stat(agent.root / f"copy{attempt}" / "d").st_mtime_ns == OLD_MTIME_NS
+            os.utime(src / "d" / "changing", ns=(OLD_MTIME_NS, OLD_MTIME_NS))
 
 
 # 5 and 6. Integrity: one flipped bit in transit, the old destination kept --------------

@@ -500,10 +500,8 @@ async def _upload(
         in_place = (
             resume
             and is_dir
-            and not target.endswith("/")
-            and _interrupted_copy(
-                dest.mode, _remote_types(await conn.listdir(target)), _local_types(local), name
-            )
+            and _unfinished(dest.mode)
+            and _holds_only_parts_of(_remote_types(await conn.listdir(target)), _local_types(local))
         )
         target = _into(target, name, posixpath.join, in_place, quiet)
     total = _tree_size(local) if is_dir else os.path.getsize(local)
@@ -530,12 +528,9 @@ async def _download(
         in_place = (
             resume
             and info.is_dir
-            and not target.endswith("/")
-            and _interrupted_copy(
-                os.stat(target).st_mode,
-                _local_types(target),
-                _remote_types(await conn.listdir(source)),
-                name,
+            and _unfinished(os.stat(target).st_mode)
+            and _holds_only_parts_of(
+                _local_types(target), _remote_types(await conn.listdir(source))
             )
         )
         target = _into(target, name, os.path.join, in_place, quiet)
@@ -558,8 +553,8 @@ def _into(
     directory: str, name: str, join: Callable[[str, str], str], in_place: bool, quiet: bool
 ) -> str:
     """Where a copy of ``name`` into the existing ``directory`` goes: under its
-    name, as with scp; or, resuming the interrupted copy that made
-    ``directory`` (:func:`_interrupted_copy`), ``directory`` itself."""
+    name, as with scp; or, resuming the unfinished copy that made
+    ``directory`` (:func:`_unfinished`), ``directory`` itself."""
     if not in_place:
         return join(directory, name)
     if not quiet:
@@ -567,26 +562,22 @@ def _into(
     return directory
 
 
-def _interrupted_copy(
-    dest_mode: int, dest: dict[str, str], source: dict[str, str], name: str
-) -> bool:
-    """Whether the existing directory DEST (its mode; the type of each entry,
-    by name) is what an interrupted ``cp -r SOURCE DEST`` left where DEST did
-    not exist. ``--resume`` then goes on in DEST itself: copying SOURCE into
-    it by ``name``, as for any existing directory, would start a second copy
-    inside the first.
-
-    A tree copy makes each directory 0700 and gives it its own mode last, so
-    an unfinished one is 0700 at the top; all it holds is named like an entry
-    of SOURCE, of the same type, or is the partial file of one. An empty
-    directory is not taken for one: more likely it was made to receive SOURCE.
-    """
+def _unfinished(mode: int) -> bool:
+    """Whether a directory of this mode is the top of a tree copy that has not
+    copied everything yet (marked so by the copy: paths.UNFINISHED_TREE_MODE)."""
     import stat
 
+    from tether.paths import UNFINISHED_TREE_MODE
+
+    return stat.S_IMODE(mode) == UNFINISHED_TREE_MODE
+
+
+def _holds_only_parts_of(dest: dict[str, str], source: dict[str, str]) -> bool:
+    """Whether everything in DEST (the type of each entry, by name) is named
+    like an entry of SOURCE, of the same type, or is the partial file of one:
+    DEST is then an unfinished copy of SOURCE, not of something else."""
     from tether.paths import partial_name
 
-    if stat.S_IMODE(dest_mode) != 0o700 or not dest or name in dest:
-        return False
     partials = {partial_name(entry): "file" for entry, kind in source.items() if kind == "file"}
     return all(source.get(entry, partials.get(entry)) == kind for entry, kind in dest.items())
 

@@ -17,8 +17,8 @@ The tree::
     │   └── AuthenticationError      the agent refused the token, or hello never succeeded
     ├── TransferError                a file transfer failed on this side (``.code``:
     │   │                             checksum_mismatch, source_changed, no_space, ...)
-    │   └── TreeCopyError            a tree copy went to its end without some entries
-    │                                 (``.failures``, ``.results``)
+    │   └── TreeCopyError            entries of a tree copy failed (``.failures``,
+    │                                 ``.results``, ``.stopped_by``)
     ├── UsageError                   the caller asked for something malformed (bad host
     │                                 string, no token to be found)
     └── TimeoutError                 an operation ran out of time; also a builtin
@@ -136,21 +136,30 @@ class TransferError(TetherError):
 
 
 class TreeCopyError(TransferError):
-    """A tree copy went on to its end, but some entries could not be copied.
+    """A tree copy could not copy some of its entries.
 
     As scp does, an entry that fails for a reason of its own (unreadable,
     vanished, refused) does not stop the rest. ``failures`` holds each such
     error in the order met (every message names its path); ``results`` the
     ``TransferResult`` of every file that was copied. ``code`` is the first
-    failure's.
+    failure's. When an error that would fail every later entry too (no space
+    left, the connection gone) then ended the copy, it is ``stopped_by``, the
+    last of ``failures``, and gives the code; otherwise ``stopped_by`` is None
+    and the copy went on to its end.
     """
 
-    def __init__(self, failures: Sequence[TetherError], results: Sequence[Any]) -> None:
-        first = failures[0]
+    def __init__(
+        self,
+        failures: Sequence[TetherError],
+        results: Sequence[Any],
+        stopped_by: TetherError | None = None,
+    ) -> None:
+        main = stopped_by or failures[0]
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        super().__init__(first.code, f"{first}{more}")
+        super().__init__(main.code, f"{main}{more}")
         self.failures = list(failures)
         self.results = list(results)
+        self.stopped_by = stopped_by
 
 
 class UsageError(TetherError, ValueError):

@@ -14,9 +14,22 @@ import posixpath
 from .exceptions import RemoteError
 from .messages import ErrorCode, is_os_string
 
-__all__ = ["PARTIAL_SUFFIX", "confine", "is_within", "outside_root", "partial_name"]
+__all__ = [
+    "PARTIAL_SUFFIX",
+    "UNFINISHED_TREE_MODE",
+    "confine",
+    "is_within",
+    "outside_root",
+    "partial_name",
+]
 
 PARTIAL_SUFFIX = ".tether-part"
+
+# The mode of the top directory a tree copy has made, until the copy has
+# copied everything: the sticky bit on a private directory, which nobody sets
+# by hand, tells "an unfinished copy" (that --resume goes on with) from a
+# directory that was there before (that receives the source by name).
+UNFINISHED_TREE_MODE = 0o1700
 
 
 def partial_name(name: str) -> str:

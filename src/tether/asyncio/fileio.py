@@ -48,7 +48,6 @@ _ERRNO_CODES = {
     errno.ENOTDIR: ErrorCode.NOT_A_DIRECTORY,
     errno.ENOSPC: ErrorCode.NO_SPACE,
     errno.EDQUOT: ErrorCode.NO_SPACE,
-    errno.EFBIG: ErrorCode.NO_SPACE,
 }
 
 

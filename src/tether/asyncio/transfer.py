@@ -10,7 +10,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..exceptions import (
     AuthenticationError,
@@ -42,6 +42,7 @@ from ..messages import (
     StatReply,
     Symlink,
 )
+from ..paths import UNFINISHED_TREE_MODE
 from .fileio import FileSource, PartialFile, error_from_os, replace_symlink
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ Progress = Callable[[str, int, int], None]
 and exactly once with ``done == total`` when the file is complete."""
 
 PROGRESS_INTERVAL = 1.0  # seconds between progress calls at the most
+CANCEL_WAIT = 5.0  # seconds a failed put waits for the agent to confirm its cancel
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +227,18 @@ def _cancel(conn: Connection, request_id: int, *, keep: bool = False) -> None:
         conn._wire.send(Cancel(request_id, keep=keep))
 
 
+async def _cancel_and_wait(conn: Connection, request_id: int, queue: asyncio.Queue[Any]) -> None:
+    """:func:`_cancel`, then wait (``CANCEL_WAIT`` at most) for the request's
+    last frame: by then the agent has cleaned up after it."""
+    if conn._wire.error is None:
+        conn._wire.send(Cancel(request_id))
+        with contextlib.suppress(TetherError, TimeoutError):  # the error frame, or no answer
+            async with asyncio.timeout(CANCEL_WAIT):
+                while not isinstance(await _reply(conn, queue), Ok):
+                    pass
+    conn._forget(request_id)
+
+
 async def put_file(
     conn: Connection,
     local: str,
@@ -284,6 +298,15 @@ async def put_file(
             _cancel(conn, request_id, keep=True)
             request_id = None
         raise
+    except TransferError:
+        # Ours: the file changed or could not be read. The agent removes its
+        # partial file before it answers the cancel; waiting for that answer
+        # puts whatever the caller does next after it (a tree copy setting
+        # the directory's mtime, which the removal would change).
+        if request_id is not None:
+            await _cancel_and_wait(conn, request_id, queue)
+            request_id = None
+        raise
     finally:
         source.close()
         if request_id is not None:
@@ -317,13 +340,20 @@ Skipped = Callable[[str], None]
 regular file, a directory nor a symlink (a socket, a FIFO, a device)."""
 
 
-class _TreeCopy:
-    """The files a tree copy has copied, and the entries it could not."""
+_Dir = TypeVar("_Dir")
 
-    def __init__(self, skipped: Skipped | None) -> None:
+
+class _TreeCopy:
+    """The files a tree copy has copied, the entries it could not, and
+    whether its top directory is its own (new, or an unfinished copy's)."""
+
+    def __init__(self, skipped: Skipped | None, *, fresh: bool) -> None:
         self.results: list[TransferResult] = []
         self.failures: list[TetherError] = []
         self.skipped = skipped
+        # The top directory is made by this copy, or by an unfinished one: it
+        # is marked unfinished until everything has been copied into it.
+        self.fresh = fresh
 
     def skip(self, path: str) -> None:
         if self.skipped is not None:
@@ -345,6 +375,23 @@ class _TreeCopy:
             if error.code not in _ENTRY_CODES:
                 raise error from None
             self.failures.append(error)
+
+    def to_finish(self, dirs: list[_Dir]) -> list[_Dir]:
+        """The directories to give their own mode and mtime, children first
+        (their writes touch the parent): all of them, except the top of a
+        fresh copy that missed entries, which stays marked unfinished."""
+        keep_top = self.fresh and bool(self.failures)
+        return list(reversed(dirs[1:] if keep_top else dirs))
+
+    @contextlib.contextmanager
+    def stopping(self) -> Iterator[None]:
+        """An error that ends the copy keeps the entries that failed before it."""
+        try:
+            yield
+        except TetherError as exc:
+            if not self.failures:
+                raise
+            raise TreeCopyError([*self.failures, exc], self.results, stopped_by=exc) from exc
 
     def outcome(self) -> list[TransferResult]:
         """The results, or TreeCopyError if any entry failed."""
@@ -373,7 +420,7 @@ async def put_tree(
     entry that cannot be copied does not stop the others (TreeCopyError at
     the end); the top directory itself must be readable.
     """
-    copy = _TreeCopy(skipped)
+    copy = _TreeCopy(skipped, fresh=await _fresh_remote(conn, remote))
     dirs: list[tuple[str, os.stat_result]] = []
 
     async def walk(local_dir: str, remote_dir: str) -> None:
@@ -385,7 +432,9 @@ async def put_tree(
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             raise error_from_os(exc, local_dir) from None
-        await mkdir(conn, remote_dir, 0o700)  # writable until its own mode is set, last
+        # Writable until its own mode is set, last; the top marked unfinished.
+        top = not dirs
+        await mkdir(conn, remote_dir, UNFINISHED_TREE_MODE if top and copy.fresh else 0o700)
         dirs.append((remote_dir, st))
         for entry in entries:
             target = _join(remote_dir, entry.name)
@@ -401,11 +450,34 @@ async def put_tree(
                 else:  # a socket, a FIFO, a device
                     copy.skip(entry.path)
 
-    await walk(local, remote)
-    for remote_dir, st in reversed(dirs):  # children first: their writes touch the parent
-        with copy.entry(remote_dir):
-            await setattr_path(conn, remote_dir, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+    with copy.stopping():
+        await walk(local, remote)
+        for remote_dir, st in copy.to_finish(dirs):
+            with copy.entry(remote_dir):
+                await setattr_path(conn, remote_dir, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
     return copy.outcome()
+
+
+async def _fresh_remote(conn: Connection, path: str) -> bool:
+    """Whether a tree copy to ``path`` makes it, or goes on with an unfinished one."""
+    try:
+        info = await stat_path(conn, path)
+    except RemoteError as exc:
+        if exc.code == ErrorCode.NOT_FOUND:
+            return True
+        raise
+    return info.is_dir and stat.S_IMODE(info.mode) == UNFINISHED_TREE_MODE
+
+
+def _fresh_local(path: str) -> bool:
+    """:func:`_fresh_remote` on this side."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # making it will say why
+    return stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == UNFINISHED_TREE_MODE
 
 
 async def get_tree(
@@ -422,7 +494,7 @@ async def get_tree(
     An entry that cannot be copied does not stop the others (TreeCopyError
     at the end); the top directory itself must be readable.
     """
-    copy = _TreeCopy(skipped)
+    copy = _TreeCopy(skipped, fresh=_fresh_local(local))
     dirs: list[tuple[str, RemoteStat]] = []
 
     async def walk(remote_dir: str, local_dir: str, info: RemoteStat) -> None:
@@ -435,12 +507,15 @@ async def get_tree(
             if name in ("", ".", "..") or "/" in name or "\0" in name:
                 raise ProtocolError(f"the agent listed a bad name {name!r} in {remote_dir}")
         try:
-            os.mkdir(local_dir, 0o700)
-        except FileExistsError:
-            if os.path.islink(local_dir) or not os.path.isdir(local_dir):
-                raise TransferError(
-                    ErrorCode.NOT_A_DIRECTORY, f"{local_dir}: exists and is not a directory"
-                ) from None
+            try:
+                os.mkdir(local_dir, 0o700)
+            except FileExistsError:
+                if os.path.islink(local_dir) or not os.path.isdir(local_dir):
+                    raise TransferError(
+                        ErrorCode.NOT_A_DIRECTORY, f"{local_dir}: exists and is not a directory"
+                    ) from None
+            if not dirs and copy.fresh:
+                os.chmod(local_dir, UNFINISHED_TREE_MODE)
         except OSError as exc:
             raise error_from_os(exc, local_dir) from None
         dirs.append((local_dir, info))
@@ -463,9 +538,10 @@ async def get_tree(
     top = await stat_path(conn, remote, follow=True)  # a link to a directory copies it
     if not top.is_dir:
         raise RemoteError(ErrorCode.NOT_A_DIRECTORY, f"{remote}: not a directory")
-    await walk(remote, local, top)
-    for local_dir, info in reversed(dirs):
-        with copy.entry(local_dir):
-            os.chmod(local_dir, info.mode)
-            os.utime(local_dir, ns=(info.mtime_ns, info.mtime_ns))
+    with copy.stopping():
+        await walk(remote, local, top)
+        for local_dir, info in copy.to_finish(dirs):
+            with copy.entry(local_dir):
+                os.chmod(local_dir, info.mode)
+                os.utime(local_dir, ns=(info.mtime_ns, info.mtime_ns))
     return copy.outcome()
