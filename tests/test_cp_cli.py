@@ -958,6 +958,40 @@ def test_cp_r_resume_into_a_drop_directory(tether_cli: type[Cli], tmp_path: Path
     check_clean_log(agent)
 
 
+def test_cp_r_resume_finishes_a_download_with_read_only_directories(
+    tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    """A download that missed an entry gives its subdirectories their modes, a
+    read-only one too; the --resume that follows, once the entry is readable,
+    must still write into it (it failed on every file there, every time). The
+    client, as the agent, runs without the capabilities that bypass
+    permissions."""
+    agent = start_agent(tmp_path, launcher=NO_BYPASS_LAUNCHER)
+    try:
+        tree = agent.root / "rsrc"
+        (tree / "ro").mkdir(parents=True)
+        (tree / "ro" / "f").write_bytes(b"in a read-only directory")
+        (tree / "secret").write_bytes(b"readable later")
+        (tree / "ro").chmod(0o555)
+        (tree / "secret").chmod(0)
+        dl = tmp_path / "dl"
+        cli = [*NO_BYPASS_LAUNCHER, sys.executable, "-m", "tether", "cp", "-r", "-q"]
+        args = [*cli, f"{agent.host}:rsrc", str(dl)]
+        first = subprocess.run(args, env=agent.env, capture_output=True, timeout=WAIT)
+        assert first.returncode == 1, first.stderr
+        assert first.stderr == b"tether: rsrc/secret: Permission denied\n"
+        assert stat.S_IMODE(dl.stat().st_mode) == 0o1700
+        assert stat.S_IMODE((dl / "ro").stat().st_mode) == 0o555
+        (tree / "secret").chmod(0o644)
+        args = [*cli, "--resume", f"{agent.host}:rsrc", str(dl)]
+        second = subprocess.run(args, env=agent.env, capture_output=True, timeout=WAIT)
+    finally:
+        agent.stop()
+    check_clean_log(agent)
+    assert second.returncode == 0, second.stderr
+    assert snapshot(dl) == snapshot(tree)  # modes included: the mark is gone
+
+
 def test_cp_r_put_goes_past_what_the_agent_refuses(
     agent: Agent, tether_cli: type[Cli], tmp_path: Path
 ) -> None:
@@ -1214,6 +1248,67 @@ def test_cp_r_resume_into_a_directory_that_was_there_copies_by_name(
         assert (dest / "src" / "a").read_bytes() == b"new", name
         for file, data in files.items():
             assert (dest / file).read_bytes() == data, name
+
+
+def test_cp_r_resume_through_a_link_to_an_unfinished_copy_copies_by_name(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """DEST a symlink to an unfinished copy: it receives SRC by name, as any
+    link to a directory does (it said it resumed, then failed on the link)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"new")
+    tree = agent.root / "tree"
+    tree.mkdir()
+    (tree / "a").write_bytes(b"remote")
+    # Unfinished copies of both by their mark and what they hold, each
+    # reached through a link.
+    for unfinished, link in (
+        (agent.root / "dest", agent.root / "dlink"),
+        (tmp_path / "dl", tmp_path / "dlink"),
+    ):
+        unfinished.mkdir()
+        (unfinished / "a").write_bytes(b"kept")
+        unfinished.chmod(0o1700)
+        link.symlink_to(unfinished.name)
+    for args in ([src, f"{agent.host}:dlink"], [f"{agent.host}:tree", tmp_path / "dlink"]):
+        assert_silent_success(run_cli(["cp", "-r", "-q", "--resume", *args], env=agent.env))
+    assert (agent.root / "dest" / "src" / "a").read_bytes() == b"new"
+    assert (agent.root / "dest" / "a").read_bytes() == b"kept"
+    assert (tmp_path / "dl" / "tree" / "a").read_bytes() == b"remote"
+    assert (tmp_path / "dl" / "a").read_bytes() == b"kept"
+
+
+def test_cp_r_lost_connection_exits_255_after_failed_entries(tmp_path: Path) -> None:
+    """An entry that failed, then the agent gone: the failure is named, then the
+    lost connection, and the exit is 255 as for any copy whose connection was
+    lost (it became 1 once an entry had failed, which a script retrying on
+    255 would not retry)."""
+    agent = start_agent(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"its destination is a directory")
+    write_random(src / "zbig", TREE_BIG)
+    dest = agent.root / "copy" / "src"  # copy exists: it receives src by name
+    (dest / "a" / "inner").mkdir(parents=True)
+    part = dest / f".zbig{PART}"
+    try:
+        with Proxy(agent, rate=TREE_KILL_RATE) as slow:
+            proc = spawn_cli(["cp", "-r", "-q", src, f"{slow.host}:copy"], env=agent.env)
+            try:
+                wait_for(
+                    lambda: size_of(part) >= TREE_KILL_AT or proc.poll() is not None, "a partial"
+                )
+                agent.proc.kill()
+                _, stderr = proc.communicate(timeout=WAIT)
+            finally:
+                kill_and_reap(proc)
+    finally:
+        agent.stop()
+    lines = stderr.decode().splitlines()
+    assert proc.returncode == 255, lines
+    assert lines[0] == "tether: copy/src/a: is a directory", lines
+    assert len(lines) == 2 and "connection closed" in lines[1], lines
 
 
 # 7. Progress bars on a terminal ---------------------------------------------------------

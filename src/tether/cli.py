@@ -448,11 +448,14 @@ async def _copy(
             else:
                 results = await _download(conn, remote.path, local, recursive, resume, quiet)
         except tether.TreeCopyError as exc:
-            # The rest of the tree was copied: name every entry that was not.
+            # Name every entry that was not copied; the rest of the tree was,
+            # unless an error ended the copy: when that was the connection,
+            # the exit is tether's own failure's, as for any copy.
             _warn_restarted(exc.results)
             for failure in exc.failures:
                 warn(str(failure))
-            return 1
+            cut = not isinstance(exc.stopped_by or exc, tether.RemoteError | tether.TransferError)
+            return EXIT_FAILURE if cut else 1
         except (tether.RemoteError, tether.TransferError, _CopyRefused) as exc:
             warn(str(exc))
             return 1
@@ -501,6 +504,7 @@ async def _upload(
             resume
             and is_dir
             and _unfinished(dest.mode)
+            and (await conn.stat(target)).is_dir  # not a link to one: that receives SRC by name
             and _holds_only_parts_of(_remote_types(await conn.listdir(target)), _local_types(local))
         )
         target = _into(target, name, posixpath.join, in_place, quiet)
@@ -528,7 +532,7 @@ async def _download(
         in_place = (
             resume
             and info.is_dir
-            and _unfinished(os.stat(target).st_mode)
+            and _unfinished(os.lstat(target).st_mode)  # a link to one receives SRC by name
             and _holds_only_parts_of(
                 _local_types(target), _remote_types(await conn.listdir(source))
             )

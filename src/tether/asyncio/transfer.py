@@ -514,6 +514,10 @@ async def get_tree(
                     raise TransferError(
                         ErrorCode.NOT_A_DIRECTORY, f"{local_dir}: exists and is not a directory"
                     ) from None
+                # Writable until its own mode is set, last, as the agent's
+                # mkdir does for a put: a read-only directory that an earlier,
+                # unfinished copy already gave its mode must take files again.
+                os.chmod(local_dir, 0o700)
             if not dirs and copy.fresh:
                 os.chmod(local_dir, UNFINISHED_TREE_MODE)
         except OSError as exc:
