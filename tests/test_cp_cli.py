@@ -1213,11 +1213,11 @@ def test_what_an_unfinished_copy_of_a_source_holds(dest: dict[str, str], expecte
 
 def test_only_the_mark_of_a_tree_copy_counts_as_unfinished() -> None:
     """0700 is common (home directories, ~/.ssh): it must not count."""
-    from tether.cli import _unfinished
+    from tether.paths import is_unfinished_tree
 
-    assert _unfinished(stat.S_IFDIR | 0o1700)
+    assert is_unfinished_tree(stat.S_IFDIR | 0o1700)
     for mode in (0o700, 0o755, 0o1777, 0o3700, 0o1750):
-        assert not _unfinished(stat.S_IFDIR | mode), oct(mode)
+        assert not is_unfinished_tree(stat.S_IFDIR | mode), oct(mode)
 
 
 def test_cp_r_resume_into_a_directory_that_was_there_copies_by_name(

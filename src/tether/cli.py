@@ -483,6 +483,7 @@ async def _upload(
     import stat
 
     import tether
+    from tether.paths import is_unfinished_tree
     from tether.progressbar import TransferBars
 
     is_dir = stat.S_ISDIR(os.stat(local).st_mode)  # a missing source fails here, clearly
@@ -503,7 +504,7 @@ async def _upload(
         in_place = (
             resume
             and is_dir
-            and _unfinished(dest.mode)
+            and is_unfinished_tree(dest.mode)
             and (await conn.stat(target)).is_dir  # not a link to one: that receives SRC by name
             and _holds_only_parts_of(_remote_types(await conn.listdir(target)), _local_types(local))
         )
@@ -522,6 +523,7 @@ async def _download(
 ) -> list[tether.TransferResult]:
     import posixpath
 
+    from tether.paths import is_unfinished_tree
     from tether.progressbar import TransferBars
 
     info = await conn.stat(source, follow=True)
@@ -532,7 +534,7 @@ async def _download(
         in_place = (
             resume
             and info.is_dir
-            and _unfinished(os.lstat(target).st_mode)  # a link to one receives SRC by name
+            and is_unfinished_tree(os.lstat(target).st_mode)  # a link to one receives SRC by name
             and _holds_only_parts_of(
                 _local_types(target), _remote_types(await conn.listdir(source))
             )
@@ -558,22 +560,12 @@ def _into(
 ) -> str:
     """Where a copy of ``name`` into the existing ``directory`` goes: under its
     name, as with scp; or, resuming the unfinished copy that made
-    ``directory`` (:func:`_unfinished`), ``directory`` itself."""
+    ``directory`` (paths.is_unfinished_tree), ``directory`` itself."""
     if not in_place:
         return join(directory, name)
     if not quiet:
         warn(f"resuming the interrupted copy in {directory}")
     return directory
-
-
-def _unfinished(mode: int) -> bool:
-    """Whether a directory of this mode is the top of a tree copy that has not
-    copied everything yet (marked so by the copy: paths.UNFINISHED_TREE_MODE)."""
-    import stat
-
-    from tether.paths import UNFINISHED_TREE_MODE
-
-    return stat.S_IMODE(mode) == UNFINISHED_TREE_MODE
 
 
 def _holds_only_parts_of(dest: dict[str, str], source: dict[str, str]) -> bool:

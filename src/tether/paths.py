@@ -10,6 +10,7 @@ Both answers must be yes.
 from __future__ import annotations
 
 import posixpath
+import stat
 
 from .exceptions import RemoteError
 from .messages import ErrorCode, is_os_string
@@ -18,6 +19,7 @@ __all__ = [
     "PARTIAL_SUFFIX",
     "UNFINISHED_TREE_MODE",
     "confine",
+    "is_unfinished_tree",
     "is_within",
     "outside_root",
     "partial_name",
@@ -30,6 +32,12 @@ PARTIAL_SUFFIX = ".tether-part"
 # by hand, tells "an unfinished copy" (that --resume goes on with) from a
 # directory that was there before (that receives the source by name).
 UNFINISHED_TREE_MODE = 0o1700
+
+
+def is_unfinished_tree(mode: int) -> bool:
+    """Whether a directory of ``mode`` (its permission bits, or a whole
+    ``st_mode``) is the top of a tree copy that has not copied everything."""
+    return stat.S_IMODE(mode) == UNFINISHED_TREE_MODE
 
 
 def partial_name(name: str) -> str:

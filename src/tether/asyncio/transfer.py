@@ -42,7 +42,7 @@ from ..messages import (
     StatReply,
     Symlink,
 )
-from ..paths import UNFINISHED_TREE_MODE
+from ..paths import UNFINISHED_TREE_MODE, is_unfinished_tree
 from .fileio import FileSource, PartialFile, error_from_os, replace_symlink
 
 if TYPE_CHECKING:
@@ -466,7 +466,7 @@ async def _fresh_remote(conn: Connection, path: str) -> bool:
         if exc.code == ErrorCode.NOT_FOUND:
             return True
         raise
-    return info.is_dir and stat.S_IMODE(info.mode) == UNFINISHED_TREE_MODE
+    return info.is_dir and is_unfinished_tree(info.mode)
 
 
 def _fresh_local(path: str) -> bool:
@@ -477,7 +477,7 @@ def _fresh_local(path: str) -> bool:
         return True
     except OSError:
         return False  # making it will say why
-    return stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == UNFINISHED_TREE_MODE
+    return stat.S_ISDIR(st.st_mode) and is_unfinished_tree(st.st_mode)
 
 
 async def get_tree(
@@ -514,12 +514,11 @@ async def get_tree(
                     raise TransferError(
                         ErrorCode.NOT_A_DIRECTORY, f"{local_dir}: exists and is not a directory"
                     ) from None
-                # Writable until its own mode is set, last, as the agent's
-                # mkdir does for a put: a read-only directory that an earlier,
-                # unfinished copy already gave its mode must take files again.
-                os.chmod(local_dir, 0o700)
-            if not dirs and copy.fresh:
-                os.chmod(local_dir, UNFINISHED_TREE_MODE)
+            # As the agent's mkdir does for a put: writable until its own mode
+            # is set, last (an existing one too: a read-only directory that an
+            # unfinished copy already gave its mode must take files again);
+            # the top marked unfinished.
+            os.chmod(local_dir, UNFINISHED_TREE_MODE if not dirs and copy.fresh else 0o700)
         except OSError as exc:
             raise error_from_os(exc, local_dir) from None
         dirs.append((local_dir, info))
