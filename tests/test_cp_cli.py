@@ -874,6 +874,78 @@ def test_cp_directory_where_a_file_is_expected(
     assert partials(agent.root, tmp_path) == []
 
 
+def test_cp_get_writes_into_a_device_or_fifo_and_never_replaces_it(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    """``tether cp HOST:f /dev/null`` as with scp: the bytes go into the device,
+    a FIFO's reader or what a link like /dev/stdout points to; none of them is
+    replaced by a file (it was: /dev/null itself became a regular file)."""
+    data = os.urandom(3 * CHUNK + 5)
+    (agent.root / "f").write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    null = out / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a /dev/null of our own
+    proc = tether_cli.run(["cp", f"{agent.host}:f", str(null)], env=agent.env)
+    assert_silent_success(proc)
+    assert stat.S_ISCHR(os.lstat(null).st_mode)
+    assert os.lstat(null).st_rdev == os.makedev(1, 3)
+    # A FIFO: what its reader gets is the file, in full.
+    fifo = out / "fifo"
+    os.mkfifo(fifo)
+    with open(tmp_path / "read", "wb") as read:
+        reader = subprocess.Popen(["cat", str(fifo)], stdout=read)
+        proc = tether_cli.run(["cp", f"{agent.host}:f", str(fifo)], env=agent.env)
+        assert reader.wait(WAIT) == 0
+    assert_silent_success(proc)
+    assert (tmp_path / "read").read_bytes() == data
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    # A link to the CLI's own stdout, as /dev/stdout is: the bytes come out there.
+    link = out / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    proc = tether_cli.run(["cp", f"{agent.host}:f", str(link)], env=agent.env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == data
+    assert os.readlink(link) == "/proc/self/fd/1"
+    assert partials(tmp_path) == []
+
+
+def test_cp_put_onto_a_fifo_on_the_agent_is_refused(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    """The agent does not write into a FIFO or device (nor replace it): a put
+    there fails alone, naming it; a tree copy goes on past it."""
+    source = tmp_path / "f"
+    source.write_bytes(b"data")
+    os.mkfifo(agent.root / "fifo")
+    proc = tether_cli.run(["cp", str(source), f"{agent.host}:fifo"], env=agent.env)
+    assert_one_line_error(proc, 1, "fifo", "not a regular file")
+    assert stat.S_ISFIFO(os.lstat(agent.root / "fifo").st_mode)
+    # In a tree copy, locally too: the other entries arrive, exit 1.
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "fifo").write_bytes(b"file")
+    (top / "other").write_bytes(b"other")
+    (agent.root / "top").mkdir()
+    os.mkfifo(agent.root / "top" / "fifo")
+    proc = tether_cli.run(["cp", "-r", str(top), f"{agent.host}:"], env=agent.env)
+    assert proc.returncode == 1, proc.stderr
+    assert b"not a regular file" in proc.stderr
+    assert (agent.root / "top" / "other").read_bytes() == b"other"
+    assert stat.S_ISFIFO(os.lstat(agent.root / "top" / "fifo").st_mode)
+    back = tmp_path / "back"
+    (back / "top").mkdir(parents=True)
+    os.mkfifo(back / "top" / "fifo")
+    (agent.root / "top" / "fifo").unlink()
+    (agent.root / "top" / "fifo").write_bytes(b"file")
+    proc = tether_cli.run(["cp", "-r", f"{agent.host}:top", str(back)], env=agent.env)
+    assert proc.returncode == 1, proc.stderr
+    assert b"not a regular file" in proc.stderr
+    assert (back / "top" / "other").read_bytes() == b"other"
+    assert stat.S_ISFIFO(os.lstat(back / "top" / "fifo").st_mode)
+    assert partials(agent.root, tmp_path) == []
+
+
 def test_cp_r_names_what_it_leaves_out(agent: Agent, tether_cli: type[Cli], tmp_path: Path) -> None:
     """Sockets and FIFOs in a tree are not copied: each is named on stderr
     (they were left out silently), and the copy succeeds, as with scp."""

@@ -28,7 +28,9 @@ __all__ = [
     "CHUNK_SIZE",
     "FileSource",
     "PartialFile",
+    "StreamSink",
     "error_from_os",
+    "is_stream",
     "new_hasher",
     "partial_path",
     "replace_symlink",
@@ -225,8 +227,15 @@ class PartialFile(_ThreadedFile):
         self.dest = dest
         self.shown = shown
         self.path = partial_path(dest)
-        if os.path.isdir(dest) and not os.path.islink(dest):
+        try:
+            kind = stat.S_IFMT(os.lstat(dest).st_mode)
+        except OSError:  # no such file yet; or the open below reports why not
+            kind = stat.S_IFREG
+        if kind == stat.S_IFDIR:
             raise TransferError(ErrorCode.IS_A_DIRECTORY, f"{shown}: is a directory")
+        if kind not in (stat.S_IFREG, stat.S_IFLNK):
+            # A FIFO, device or socket: the rename would replace it with a file.
+            raise TransferError(ErrorCode.BAD_REQUEST, f"{shown}: not a regular file")
         for _ in range(LOCK_ATTEMPTS):
             self.fd = self._open_locked()
             # Another process (a second `tether cp` to the same file) may have
@@ -366,6 +375,91 @@ class PartialFile(_ThreadedFile):
 
     def _busy_error(self) -> TransferError:
         return TransferError(ErrorCode.BUSY, f"{self.shown}: another transfer is writing it")
+
+
+def is_stream(path: str) -> bool:
+    """Whether ``path`` is, or links to, a FIFO or a device: a download writes
+    into it as it comes (``tether cp HOST:FILE /dev/null``), as scp does."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+
+
+class StreamSink(_ThreadedFile):
+    """A FIFO or device a download writes into, in order, with nothing kept
+    aside: no partial file to resume, nothing to rename, chmod or date, and a
+    digest that does not match can only be reported after the bytes went in."""
+
+    def __init__(self, fd: int, shown: str) -> None:
+        self.fd = fd
+        self.shown = shown
+        self.hasher = new_hasher()
+        self.pos = 0
+        self._block_device = stat.S_ISBLK(os.fstat(fd).st_mode)
+
+    @classmethod
+    async def open(cls, path: str, shown: str) -> StreamSink:
+        """Open ``path`` for writing; a FIFO waits for a reader, as with scp."""
+        opening = asyncio.get_running_loop().run_in_executor(
+            None, os.open, path, os.O_WRONLY | os.O_CLOEXEC
+        )
+        try:
+            fd = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_late_open)  # the FIFO's reader may come later
+            raise
+        except OSError as exc:
+            raise error_from_os(exc, shown) from None
+        return cls(fd, shown)
+
+    async def prefix(self, size: int | None = None) -> tuple[int, str | None]:
+        return 0, None  # nothing kept from an earlier try: always from the start
+
+    async def start_at(self, offset: int) -> None:
+        if offset != 0:
+            raise TransferError(ErrorCode.BAD_REQUEST, f"cannot continue at offset {offset}")
+
+    async def write(self, data: bytes | bytearray) -> None:
+        try:
+            await self._in_thread(self._write, data)
+        except OSError as exc:
+            raise error_from_os(exc, self.shown) from None
+
+    def _write(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.pos += len(data)
+        self.hasher.update(data)
+
+    async def commit(self, size: int, digest: str, mode: int, mtime_ns: int | None) -> None:
+        """Check what was written; a block device's writes are flushed first.
+
+        Raises:
+            TransferError: ``checksum_mismatch``, or the error of the fsync.
+        """
+        if self.pos != size or self.hasher.hexdigest() != digest:
+            got = "size" if self.pos != size else "digest"
+            raise TransferError(
+                ErrorCode.CHECKSUM_MISMATCH,
+                f"{self.shown}: {got} does not match the sender's; the bytes were written "
+                "to it all the same (not a regular file)",
+            )
+        if self._block_device:
+            try:
+                await self._in_thread(os.fsync, self.fd)
+            except OSError as exc:
+                raise error_from_os(exc, self.shown) from None
+
+    def discard(self) -> None:
+        self.close()
+
+
+def _close_late_open(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:

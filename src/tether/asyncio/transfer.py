@@ -43,7 +43,14 @@ from ..messages import (
     Symlink,
 )
 from ..paths import UNFINISHED_TREE_MODE, is_unfinished_tree
-from .fileio import FileSource, PartialFile, error_from_os, replace_symlink
+from .fileio import (
+    FileSource,
+    PartialFile,
+    StreamSink,
+    error_from_os,
+    is_stream,
+    replace_symlink,
+)
 
 if TYPE_CHECKING:
     from .client import Connection
@@ -164,9 +171,22 @@ async def setattr_path(
 
 
 async def get_file(
-    conn: Connection, remote: str, local: str, *, resume: bool, progress: Progress | None
+    conn: Connection,
+    remote: str,
+    local: str,
+    *,
+    resume: bool,
+    progress: Progress | None,
+    into_streams: bool = True,
 ) -> TransferResult:
-    partial = PartialFile(local, local, resume=resume)
+    """Download ``remote`` to ``local``: a partial file renamed into place once
+    verified; or, if ``local`` is a FIFO or device and ``into_streams``, into it
+    (a tree copy refuses those: a FIFO nobody reads would wait for ever)."""
+    partial: PartialFile | StreamSink
+    if into_streams and is_stream(local):
+        partial = await StreamSink.open(local, local)
+    else:
+        partial = PartialFile(local, local, resume=resume)
     keep = False
     request_id: int | None = None
     try:
@@ -322,6 +342,7 @@ async def put_file(
 _ENTRY_CODES = frozenset(
     {
         ErrorCode.NOT_FOUND,  # vanished since it was listed
+        ErrorCode.BAD_REQUEST,  # a FIFO or device where the file goes
         ErrorCode.PERMISSION_DENIED,
         ErrorCode.FORBIDDEN,
         ErrorCode.PATH_OUTSIDE_ROOT,
@@ -533,7 +554,14 @@ async def get_tree(
                     await walk(source, target, entry)
                 elif entry.type == "file":
                     copy.results.append(
-                        await get_file(conn, source, target, resume=resume, progress=progress)
+                        await get_file(
+                            conn,
+                            source,
+                            target,
+                            resume=resume,
+                            progress=progress,
+                            into_streams=False,
+                        )
                     )
                 else:  # a socket, a FIFO, a device
                     copy.skip(source)
