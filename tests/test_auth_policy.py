@@ -512,6 +512,19 @@ def test_known_hosts_add_and_lookup(tmp_path: Path, umask_0: None) -> None:
     assert lookup_known_host(path, "127.0.0.1") is None
 
 
+def test_known_hosts_names_have_no_case_and_lines_end_at_newlines(tmp_path: Path) -> None:
+    path = tmp_path / "known_hosts"
+    path.write_text(f"# a comment\u2028with a line separator\fand a form feed\nWeb1:7447 {PRINT}\n")
+    assert lookup_known_host(path, "web1:7447") == KnownHost("web1:7447", PRINT, 2)
+    assert lookup_known_host(path, "WEB1:7447") == KnownHost("WEB1:7447", PRINT, 2)
+    add_known_host(path, "DB.Example:7447", PRINT)
+    assert path.read_text().endswith(f"\ndb.example:7447 {PRINT}\n")
+    # A Unix socket's path keeps its case.
+    add_known_host(path, "unix:/run/A.sock", PRINT)
+    assert lookup_known_host(path, "unix:/run/A.sock") is not None
+    assert lookup_known_host(path, "unix:/run/a.sock") is None
+
+
 def test_known_hosts_comments_ignored_and_line_numbers(tmp_path: Path) -> None:
     path = tmp_path / "known_hosts"
     path.write_text(

@@ -748,6 +748,39 @@ def test_ls_of_a_link_with_a_trailing_slash_lists_its_directory(
     assert_one_line_error(proc, 1, "outside")
 
 
+def test_a_trailing_slash_on_a_file_is_not_a_directory(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    """``FILE/`` names no directory, as for ls(1) and cp(1): ls and a get of it
+    fail (both went ahead on the file)."""
+    (agent.root / "f").write_bytes(b"a file")
+    proc = tether_cli.run(["ls", f"{agent.host}:f/"], env=agent.env)
+    assert_one_line_error(proc, 1, "f/", "not a directory")
+    proc = tether_cli.run(["cp", f"{agent.host}:f/", str(tmp_path / "copy")], env=agent.env)
+    assert_one_line_error(proc, 1, "f/", "not a directory")
+    assert not (tmp_path / "copy").exists()
+    copy = tether_cli.run(["cp", f"{agent.host}:f", str(tmp_path / "copy")], env=agent.env)
+    assert_silent_success(copy)
+    assert (tmp_path / "copy").read_bytes() == b"a file"
+
+
+def test_ls_shows_an_mtime_beyond_what_localtime_can_take(
+    agent: Agent, tether_cli: type[Cli]
+) -> None:
+    """A file dated 10^17 s after 1970 (tmpfs keeps it) is listed with its
+    seconds instead of a date; the listing failed as a whole."""
+    with small_tmpfs(agent.root / "t") as top:
+        (top / "future").write_bytes(b"x")
+        os.utime(top / "future", ns=(10**26, 10**26))
+        (top / "now").write_bytes(b"y")
+        proc = tether_cli.run(["ls", f"{agent.host}:t"], env=agent.env)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.decode().splitlines()
+        assert len(lines) == 2
+        assert lines[0].endswith(" future") and str(10**17) in lines[0]
+        assert lines[1].endswith(" now")
+
+
 def test_ls_missing_path_is_one_line_error(agent: Agent, tether_cli: type[Cli]) -> None:
     proc = tether_cli.run(["ls", f"{agent.host}:no/such"], env=agent.env)
     assert_one_line_error(proc, 1, "no/such")

@@ -358,6 +358,12 @@ def test_trust_on_first_use_then_changed_certificate(tmp_path: Path) -> None:
         assert refused.stdout == b""
         warning = refused.stderr.decode()
         assert "WARNING" in warning and "CHANGED" in warning.upper()
+        # Lines, as ssh prints its warning: not one line of "\x0a" escapes.
+        lines = warning.splitlines()
+        assert len(lines) == 5, warning
+        assert lines[0].startswith("tether: WARNING: THE CERTIFICATE OF THE AGENT AT ")
+        assert lines[-1].startswith("If the change is expected, remove line 3 of ")
+        assert "\\x0a" not in warning
         assert str(kh) in warning
         assert re.search(r"\bline 3\b", warning), warning
         assert real in warning and changed in warning
@@ -376,6 +382,41 @@ def test_trust_on_first_use_then_changed_certificate(tmp_path: Path) -> None:
         # connected before it, did not.
         wait_for_events(audit, lambda ev: any(e["event"] == "auth" for e in ev))
         assert [e["ok"] for e in audit_events(audit) if e["event"] == "auth"] == [True]
+
+
+def test_a_pin_is_found_in_any_form_and_whatever_the_case_of_the_name(tmp_path: Path) -> None:
+    """A pin written padded, or in hex as openssl prints it, is the same pin (it
+    raised a false "HAS CHANGED"); a host name has no case, so typing it
+    otherwise neither dodges a pin that no longer matches (it re-pinned
+    silently) nor pins it twice; a line that pins nothing is named."""
+    kh = tmp_path / "known_hosts"
+    options = ["--known-hosts", str(kh)]
+    with running(tmp_path) as a:
+        real = printed_fingerprint(a)
+        raw = base64.b64decode(real.removeprefix("SHA256:") + "=")
+        host = f"localhost:{a.port}"
+        for pin in (real + "=", raw.hex(), ":".join(f"{b:02X}" for b in raw)):
+            kh.write_text(f"{host} {pin}\n")
+            ok = Cli.run(["echo", f"LocalHost:{a.port}", "hi", *options], env=a.env)
+            assert ok.returncode == 0, (pin, ok.stderr)
+            assert ok.stdout == b"hi\n" and b"pinned" not in ok.stderr
+            assert kh.read_text() == f"{host} {pin}\n"
+        other = "SHA256:" + base64.b64encode(hashlib.sha256(b"o").digest()).decode().rstrip("=")
+        kh.write_text(f"# page one\f page two\n{host} {other}\n")
+        for typed in (host, f"LOCALHOST:{a.port}"):
+            refused = Cli.run(["echo", typed, "hi", *options], env=a.env)
+            assert refused.returncode == 255
+            assert b"HAS CHANGED" in refused.stderr
+            assert b"remove line 2 of" in refused.stderr  # a form feed ends no line
+        kh.write_text(f"{host} SHA256:not-a-fingerprint\n")
+        refused = Cli.run(["echo", host, "hi", *options], env=a.env)
+        assert refused.returncode == 255
+        assert b"line 1 of" in refused.stderr and b"not a SHA-256 fingerprint" in refused.stderr
+        # A first use under another case pins the name once, in lower case.
+        kh.unlink()
+        for typed in (f"LocalHost:{a.port}", host):
+            assert Cli.run(["echo", typed, "hi", *options], env=a.env).returncode == 0
+        assert kh.read_text() == f"{host} {real}\n"
 
 
 async def test_trust_on_first_use_can_be_refused(tmp_path: Path) -> None:
@@ -444,6 +485,14 @@ async def test_cacert(tmp_path: Path) -> None:
         )
         assert cli.returncode == 255
         assert "--cacert" in one_line(cli)
+        # A file with no certificate in it is the user's mistake, said as one.
+        junk = tmp_path / "junk.pem"
+        junk.write_text("not a certificate\n")
+        cli = await asyncio.to_thread(
+            Cli.run, ["echo", a.host, "hi", "--cacert", str(junk)], env=a.env
+        )
+        assert cli.returncode == 2
+        assert "--cacert" in one_line(cli) and "no usable PEM certificate" in one_line(cli)
 
         # Four clients got through (two, one pinned as well, and the CLI): four
         # hellos. The refused ones never sent their token.

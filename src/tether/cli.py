@@ -48,16 +48,18 @@ class Seconds(click.FloatRange):
         return seconds
 
 
-def warn(message: str) -> None:
+def warn(message: str, *, lines: bool = False) -> None:
     """``tether: MESSAGE`` on stderr, its control characters escaped (names and
-    messages may come from the agent)."""
+    messages may come from the agent); with ``lines``, a message of our own
+    made of several lines keeps them (each escaped)."""
     from .terminal import printable
 
-    click.echo(f"tether: {printable(message)}", err=True)
+    parts = message.split("\n") if lines else [message]
+    click.echo("tether: " + "\n".join(printable(part) for part in parts), err=True)
 
 
-def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    warn(message)
+def fail(message: str, code: int = EXIT_FAILURE, *, lines: bool = False) -> NoReturn:
+    warn(message, lines=lines)
     sys.exit(code)
 
 
@@ -77,6 +79,8 @@ def run_main(main: Callable[[], Coroutine[Any, Any, int]], *, teardown: bool = F
         code = tether.run(main())
     except tether.UsageError as exc:
         fail(str(exc), 2)
+    except tether.CertificateError as exc:
+        fail(str(exc), lines=True)  # "THE CERTIFICATE ... HAS CHANGED!" reads as ssh's does
     except tether.TetherError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -664,7 +668,10 @@ async def _ls(remote: tether.RemotePath, as_json: bool, connect: dict[str, Any])
     kinds = {"dir": stat_module.S_IFDIR, "link": stat_module.S_IFLNK, "file": stat_module.S_IFREG}
     for e in entries:
         mode = stat_module.filemode(kinds.get(e.type, 0) | e.mode)
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime_ns / 1e9))
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime_ns / 1e9))
+        except (OverflowError, OSError, ValueError):  # a year beyond what the C library shows
+            when = f"{e.mtime_ns // 10**9:>16}"
         name = e.name or ""
         if e.target is not None:
             name += f" -> {e.target}"

@@ -1,7 +1,8 @@
 """Pinned agent certificates: the client's known-hosts file (trust on first use, as ssh).
 
 One line per agent: ``HOST SHA256:base64-of-the-certificate's-SHA-256``, where
-HOST is the address as the client writes it (``name:port``, ``[v6]:port``).
+HOST is the address as the client writes it (``name:port``, ``[v6]:port``),
+compared without regard to case as ssh does (``unix:`` paths excepted).
 Blank lines and ``#`` comments are kept as they are.
 """
 
@@ -62,8 +63,14 @@ def normalize_fingerprint(text: str) -> str:
 @dataclass(frozen=True, slots=True)
 class KnownHost:
     host: str
-    fingerprint: str
+    fingerprint: str  # as the line has it: see normalize_fingerprint
     line: int  # 1-based, for the message that tells which line to remove
+
+
+def _host_key(host: str) -> str:
+    # DNS names have no case (Web1 is web1: a pin must not be dodged by typing
+    # it otherwise); a Unix socket's path has.
+    return host if host.startswith("unix:") else host.lower()
 
 
 def lookup_known_host(path: str | os.PathLike[str], host: str) -> KnownHost | None:
@@ -73,9 +80,12 @@ def lookup_known_host(path: str | os.PathLike[str], host: str) -> KnownHost | No
             text = f.read()
     except FileNotFoundError:
         return None
-    for number, line in enumerate(text.splitlines(), 1):
+    key = _host_key(host)
+    # Lines end at "\n" only: splitlines() also splits at form feeds and
+    # U+2028 in comments, and the line number we report would be wrong.
+    for number, line in enumerate(text.split("\n"), 1):
         fields = line.split()
-        if len(fields) >= 2 and not fields[0].startswith("#") and fields[0] == host:
+        if len(fields) >= 2 and not fields[0].startswith("#") and _host_key(fields[0]) == key:
             return KnownHost(host, fields[1], number)
     return None
 
@@ -89,6 +99,6 @@ def add_known_host(path: str | os.PathLike[str], host: str, print_: str) -> None
         # A file edited by hand may lack its final newline: the pin must
         # start a line of its own, not extend the last one.
         new_line = b"" if size == 0 or os.pread(fd, 1, size - 1) == b"\n" else b"\n"
-        os.write(fd, new_line + f"{host} {print_}\n".encode())
+        os.write(fd, new_line + f"{_host_key(host)} {print_}\n".encode())
     finally:
         os.close(fd)

@@ -239,7 +239,14 @@ def _check_pin(address: Address, seen: str, pinned: str | None, trust: _Trust) -
     with _known_hosts_file(path):
         known = lookup_known_host(path, str(address))
     if known is not None:
-        if known.fingerprint != seen:
+        try:
+            expected = normalize_fingerprint(known.fingerprint)
+        except ValueError:
+            raise CertificateError(
+                f"line {known.line} of {path} pins {address} to {known.fingerprint!r}, "
+                "which is not a SHA-256 fingerprint: correct or remove that line"
+            ) from None
+        if expected != seen:
             raise CertificateError(
                 f"WARNING: THE CERTIFICATE OF THE AGENT AT {address} HAS CHANGED!\n"
                 "Someone could be intercepting this connection (man-in-the-middle), or the\n"

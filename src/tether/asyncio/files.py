@@ -56,13 +56,16 @@ def resolve(root: str, requested: str, *, follow: bool) -> str:
     path = confine(root, requested)
     if path == root:
         return root
-    if follow:
+    as_directory = requested.endswith("/")  # as in POSIX: "link/" is where it leads
+    if follow or as_directory:
         real = os.path.realpath(path)
     else:
         head, tail = os.path.split(path)
         real = os.path.join(os.path.realpath(head), tail)
     if not is_within(root, real):
         raise outside_root(requested)
+    if as_directory and os.path.exists(real) and not os.path.isdir(real):
+        raise RemoteError(ErrorCode.NOT_A_DIRECTORY, f"{requested}: not a directory")
     return real
 
 

@@ -13,6 +13,7 @@ import socket
 import ssl
 from typing import TYPE_CHECKING
 
+from ..exceptions import UsageError
 from ..known_hosts import fingerprint
 
 if TYPE_CHECKING:
@@ -103,7 +104,12 @@ def client_context(cacert: str | os.PathLike[str] | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     if cacert is not None:
-        ctx.load_verify_locations(cacert)
+        try:
+            ctx.load_verify_locations(cacert)
+        except ssl.SSLError as exc:
+            raise UsageError(
+                f"--cacert {os.fspath(cacert)}: no usable PEM certificate in it ({exc.reason})"
+            ) from None
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
