@@ -658,6 +658,59 @@ async def test_api_timeout_sets_timed_out(agent: Agent) -> None:
     assert quick.exit == ExitStatus(0)
 
 
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_cli_output_is_complete_on_a_non_blocking_stdout(agent: Agent, unbuffered: str) -> None:
+    """A stdout left non-blocking by whoever started the CLI, read late: every
+    byte still arrives. Under PYTHONUNBUFFERED (common in containers) all but
+    the first 64 KiB were lost with exit 0; without it, exit 255."""
+    data = random.randbytes(5_000_000)
+    (agent.root / "out.bin").write_bytes(data)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    env = {**agent.env, "PYTHONUNBUFFERED": unbuffered}
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether", "exec", agent.host, "--", "cat", "out.bin"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+        )
+        os.close(write_end)
+        write_end = -1
+        time.sleep(1.0)  # the pipe fills meanwhile: the CLI meets EAGAIN
+        got = bytearray()
+        with os.fdopen(read_end, "rb") as out:
+            read_end = -1
+            while chunk := out.read(1 << 20):
+                got += chunk
+        stderr = proc.stderr.read() if proc.stderr is not None else b""
+        assert proc.wait(60) == 0, stderr
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+    assert len(got) == len(data)
+    assert got == data
+
+
+async def test_a_command_that_exited_in_time_is_not_timed_out(agent: Agent) -> None:
+    """The timeout running out during the wait for output a background process
+    holds open: the command exited by itself with 3, in time, so 3 it is, and
+    that background process is not signalled (as without a timeout). It was
+    reported timed out, and killed."""
+    pids: list[int] = []
+    try:
+        async with connect(agent) as conn:
+            result = await conn.run(shell="sleep 0.7; sleep 30 & echo $!; exit 3", timeout=1)
+        pids.extend(int(line) for line in result.stdout.split())
+        assert result.exit == ExitStatus(3)
+        assert not result.timed_out
+        assert len(pids) == 1 and running(pids[0])
+    finally:
+        kill_leftovers(pids)
+
+
 # 7. --cwd, --env, --shell ------------------------------------------------------------------
 
 

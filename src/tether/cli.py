@@ -319,12 +319,12 @@ async def _exec(
             feeder = asyncio.get_running_loop().create_task(_forward_stdin(proc))
             # Its failure (the connection went away) is reported by the output loop.
             feeder.add_done_callback(lambda t: t.cancelled() or t.exception())
-        outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        outputs = {"stdout": sys.stdout.fileno(), "stderr": sys.stderr.fileno()}
         try:
             async for chunk in proc:
-                stream = outputs[chunk.stream]
-                stream.write(chunk.data)
-                stream.flush()  # live output, not at the end
+                _write_all(outputs[chunk.stream], chunk.data)  # live output, not at the end
         except tether.RemoteError as exc:
             warn(exc.message)
             return {
@@ -341,6 +341,23 @@ async def _exec(
         warn(f"command timed out after {timeout:g}s and was ended")
         return EXIT_TIMEOUT
     return status.returncode
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``. Straight to the descriptor: under
+    ``PYTHONUNBUFFERED`` (common in containers) ``sys.stdout.buffer`` is the
+    raw file, whose ``write`` may write part and return the count, and on a
+    descriptor left non-blocking by whoever started us returns None for
+    EAGAIN: output was lost without a word. Here a short write goes on and
+    EAGAIN waits until the reader has made room, as ssh does."""
+    import select
+
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
 
 
 def _silence_stdout() -> None:
@@ -683,8 +700,8 @@ async def _ls(remote: tether.RemotePath, as_json: bool, connect: dict[str, Any])
 def _write_line(text: str) -> None:
     # File names are bytes: write them back as the bytes they were
     # (surrogateescape), whatever encoding stdout was opened with.
-    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape") + b"\n")
-    sys.stdout.buffer.flush()
+    sys.stdout.flush()
+    _write_all(sys.stdout.fileno(), text.encode("utf-8", "surrogateescape") + b"\n")
 
 
 # echo, ping ----------------------------------------------------------------------

@@ -262,6 +262,12 @@ class ExecRunner:
             os.killpg(self.transport.pid, sig)
 
     def _on_timeout(self) -> None:
+        if self._exited.done():
+            # It exited in time, by itself: its status stands and the rest of
+            # its group is left alone (§4.4); only the wait for output held
+            # open by a background process ends here.
+            self._close_output()
+            return
         self.timed_out = True
         self._start_terminating()
 
