@@ -820,6 +820,78 @@ def test_live_unix_socket_is_not_taken_over(tmp_path: Path, tether_cli: type[Cli
         assert proc.stdout == b"first\n"
 
 
+def test_a_stopping_agent_leaves_the_socket_another_agent_bound(
+    tmp_path: Path, tether_cli: type[Cli]
+) -> None:
+    """The first agent's socket file was removed and a second agent bound the
+    same path: when the first stops it must not remove the second's (it did,
+    and the second could no longer be reached)."""
+    path = tmp_path / "shared.sock"
+    first = start_agent(tmp_path, "--no-tcp", "--unix", str(path), name="first")
+    try:
+        path.unlink()
+        with running_agent(tmp_path, "--no-tcp", "--unix", str(path), name="second") as second:
+            assert first.stop() == 0
+            assert stat.S_ISSOCK(os.lstat(path).st_mode)
+            proc = tether_cli.run(["echo", f"unix:{path}", "second"], env=second.env)
+            assert proc.returncode == 0, proc
+            assert proc.stdout == b"second\n"
+    finally:
+        first.stop()
+        check_clean_log(first)
+
+
+def test_sighup_stops_the_agent_and_ends_its_commands(tmp_path: Path) -> None:
+    """Its terminal closed: SIGHUP stops the agent as SIGTERM does, commands
+    ended, socket removed. It killed the agent outright, and its commands (in
+    sessions of their own, which the hangup never reaches) ran on."""
+    path = tmp_path / "hup.sock"
+    a = start_agent(tmp_path, "--no-tcp", "--unix", str(path), "--grace", "0.5", name="hup")
+    pids: list[int] = []
+
+    async def run() -> None:
+        async with tether.connect(f"unix:{path}", token=a.token) as conn:
+            proc = await conn.exec(shell="echo $$; exec sleep 300")
+            async for chunk in proc:
+                pids.append(int(chunk.data))
+                break
+            a.proc.send_signal(signal.SIGHUP)
+            with pytest.raises(tether.RemoteError) as caught:
+                async with asyncio.timeout(30):
+                    await proc.wait()
+            assert caught.value.code == "shutting_down"
+
+    try:
+        asyncio.run(run())
+        assert a.proc.wait(30) == 0
+        assert "tether: stopped" in a.log()
+        assert not path.exists()
+        deadline = time.monotonic() + 10
+        while pids and os.path.exists(f"/proc/{pids[0]}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pids and not os.path.exists(f"/proc/{pids[0]}")
+    finally:
+        a.stop()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    check_clean_log(a)
+
+
+def test_an_audit_log_that_cannot_be_written_does_not_stop_the_agent(
+    tmp_path: Path, tether_cli: type[Cli]
+) -> None:
+    """/dev/full as the audit log (a full disk): connections are served and the
+    agent says once what it cannot record. Every connection hung: the write
+    failed inside connection_made, before the hello timer was even set."""
+    with running_agent(tmp_path, "--audit-log", "/dev/full", name="full") as a:
+        for text in ("one", "two"):
+            proc = tether_cli.run(["echo", a.host, text], env=a.env, timeout=30)
+            assert proc.returncode == 0, proc.stderr
+            assert proc.stdout == text.encode() + b"\n"
+        assert a.log().count("cannot write the audit log") == 1
+
+
 # 8. Echo -------------------------------------------------------------------------------------
 
 

@@ -95,16 +95,16 @@ async def test_an_exec_cancelled_before_it_returns_is_ended(agent: Agent) -> Non
 
 async def test_close_does_not_hang_on_input_the_agent_does_not_read(agent: Agent) -> None:
     """A command that never reads its stdin, and more stdin queued than the
-    socket takes: close() cuts the connection after CLOSE_TIMEOUT instead of
-    waiting forever for the queue to drain. The agent, which had stopped
-    reading that connection, sees it gone at its next sweep (at most 5 s)
-    and ends the command, which would otherwise have run on for nobody."""
+    socket takes: close() cuts the connection (at once: what waits can only be
+    for the command left running) instead of waiting forever for the queue to
+    drain. The agent, which may have stopped reading that connection, sees it
+    gone and ends the command, which would otherwise have run on for nobody."""
     async with connect(agent) as conn:
         proc = await conn.exec(["sleep", "61.25"], stdin=True)
         chunk = b"x" * (1024 * 1024)
         for _ in range(64):  # 64 MiB: far more than the socket buffers hold
             conn._wire.send(tether.messages.Stdin(proc.id, body=chunk))
-        await asyncio.wait_for(conn.close(), tether.asyncio.client.CLOSE_TIMEOUT + BOUND)
+        await asyncio.wait_for(conn.close(), BOUND)
         assert conn._wire.lost.done()
         with pytest.raises(tether.ConnectionClosed):
             await conn.echo("x")
@@ -115,7 +115,6 @@ async def test_close_does_not_hang_on_input_the_agent_does_not_read(agent: Agent
                 break
             await asyncio.sleep(0.2)
         assert found.returncode != 0, "the command still runs after its client went away"
-    assert "the client went away" in agent.log()
 
 
 async def test_keepalive_goes_on_while_output_waits_unread(tmp_path: Path) -> None:

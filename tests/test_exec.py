@@ -116,12 +116,14 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def spawn_exec(agent: Agent, *args: str) -> subprocess.Popen[bytes]:
-    """``tether exec AGENT ARGS...`` started in the background, stdin empty."""
+def spawn_exec(
+    agent: Agent, *args: str, stdin: int | IO[bytes] = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """``tether exec AGENT ARGS...`` started in the background, stdin empty unless given."""
     return subprocess.Popen(
         [sys.executable, "-m", "tether", "exec", agent.host, *args],
         env=agent.env,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         preexec_fn=_default_sigint,
@@ -841,6 +843,71 @@ def test_cli_client_killed_or_interrupted_leaves_nothing_running(agent: Agent, h
         else:
             assert code == -signal.SIGKILL
         assert survivors(pids) == []
+    finally:
+        kill_leftovers(pids)
+
+
+STDIN_FLOOD = 64 * 1024 * 1024  # more stdin than the agent buffers for a command
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_cli_stopped_while_stdin_waits_unread_leaves_nothing_running(
+    agent: Agent, tmp_path: Path, how: str
+) -> None:
+    """The command reads none of the 64 MiB on the CLI's stdin, so the agent
+    stops reading the connection and what the CLI queued waits unsent. Then
+    the CLI is stopped: it must be gone at once and so must the command. A
+    SIGTERM or SIGHUP killed the CLI outright and the command ran on for
+    minutes (the end of the stream queued behind the unread stdin, the agent
+    never learnt the client was gone); Ctrl-C took 5 s to exit."""
+    flood = tmp_path / "flood"
+    with open(flood, "wb") as f:
+        f.truncate(STDIN_FLOOD)
+    pids: list[int] = []
+    try:
+        with (
+            open(flood, "rb") as stdin,
+            reaped(spawn_exec(agent, "--shell", PIDS_SH, stdin=stdin)) as cli,
+        ):
+            reader = LineReader(cli.stdout)
+            for _ in range(2):
+                pids.append(int(reader.readline()))
+            time.sleep(1.5)  # the agent's buffer for the command's stdin fills up
+            sent = time.monotonic()
+            cli.send_signal(getattr(signal, how))
+            code = cli.wait(15)
+            took = time.monotonic() - sent
+            assert cli.stderr is not None
+            err = cli.stderr.read()
+        assert b"Traceback" not in err
+        assert code == (130 if how == "SIGINT" else -getattr(signal, how)), err
+        assert took < 3.0
+        assert survivors(pids) == []
+    finally:
+        kill_leftovers(pids)
+
+
+async def test_api_close_with_stdin_waiting_unread_is_prompt(agent: Agent) -> None:
+    """Closing a connection whose command reads none of the stdin sent to it
+    cuts at once: the queued stdin can only be for that command, which the
+    agent ends anyway. It waited CLOSE_TIMEOUT (5 s) first."""
+    pids: list[int] = []
+    try:
+        conn = await connect(agent)
+        proc = await conn.exec(shell=PIDS_SH, stdin=True)
+        await read_pids(proc, 2, pids)
+        block = bytes(1024 * 1024)
+        for _ in range(STDIN_FLOOD // len(block)):
+            try:
+                await asyncio.wait_for(proc.write(block), 1.0)
+            except TimeoutError:
+                break  # the agent has stopped taking it
+        else:
+            pytest.fail("the agent took all of the stdin of a command that reads none")
+        started = time.monotonic()
+        await conn.close()
+        assert time.monotonic() - started < 2.5
+        assert await async_survivors(pids) == []
     finally:
         kill_leftovers(pids)
 

@@ -992,6 +992,26 @@ def test_named_tokens(tmp_path: Path) -> None:
         assert b"listening" not in refused.stderr
 
 
+def test_a_tokens_file_made_safe_by_chmod_is_taken_at_once(tmp_path: Path) -> None:
+    """A running agent refuses a tokens file others may read; once `chmod 600`
+    fixes it, the next hello takes it. The agent looked at the mtime only,
+    which chmod leaves alone: the file stayed refused until touched."""
+    with running(tmp_path) as a:
+        made = Cli.run(["token", "new", "bob", "--state-dir", str(a.state_dir)])
+        assert made.returncode == 0, made.stderr
+        bob = made.stdout.decode().strip()
+        tokens = a.state_dir / "tokens"
+        tokens.chmod(0o644)
+        as_bob = {**without_token_env(), "TETHER_TOKEN": bob}
+        refused = Cli.run(["echo", a.host, "hi"], env=as_bob)
+        assert refused.returncode == 255
+        assert "chmod" in a.log()
+        tokens.chmod(0o600)
+        taken = Cli.run(["echo", a.host, "hi"], env=as_bob)
+        assert taken.returncode == 0, taken.stderr
+        assert taken.stdout == b"hi\n"
+
+
 def test_serve_refuses_world_readable_tokens_file_option(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("bob sometokensometokensometoken\n")
@@ -1445,6 +1465,33 @@ async def test_idle_timeout(tmp_path: Path) -> None:
             assert result.stdout == b"ok\n"
     idle_events = [e for e in audit_events(audit) if e["event"] == "idle_timeout"]
     assert len(idle_events) == 1 and idle_events[0]["identity"] == "default"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_connection_closed_idle_is_cut_when_its_client_reads_nothing(tmp_path: Path) -> None:
+    """Closed for its idle timeout while 20 MiB of echo replies wait for a
+    client that reads none: the agent cuts it after CLOSE_GRACE, and records
+    the idle timeout once. It stayed open (its memory with it) as long as the
+    client lived, with one more idle_timeout record on every sweep."""
+    audit = tmp_path / "audit.jsonl"
+    with (
+        running(tmp_path, "--idle-timeout", "1", "--audit-log", str(audit)) as a,
+        RawClient(tcp_address(a), rcvbuf=64 * 1024) as raw,
+    ):
+        raw.hello(a.token)
+        body = bytes(1024 * 1024)
+        for ident in range(1, 21):
+            raw.send_frame({"op": "echo", "id": ident, "body_len": len(body)}, body)
+        # The cut, seen without reading (reading would let the close complete).
+        poller = select.poll()
+        poller.register(raw.sock.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        deadline = time.monotonic() + 1.0 + 5.0 + 5.0  # idle timeout, CLOSE_GRACE, slack
+        while not poller.poll(0):
+            assert time.monotonic() < deadline, "the agent kept the connection open"
+            time.sleep(0.1)
+    idle_events = [e for e in audit_events(audit) if e["event"] == "idle_timeout"]
+    assert len(idle_events) == 1, idle_events
 
 
 # 11. Exec caps ---------------------------------------------------------------------------

@@ -75,8 +75,17 @@ def run_main(main: Callable[[], Coroutine[Any, Any, int]], *, teardown: bool = F
     """
     import tether
 
+    signalled: list[int] = []
     try:
-        code = tether.run(main())
+        code = tether.run(main() if teardown else _cancelled_by_signals(main(), signalled))
+    except _Signalled:
+        # Cleaned up (requests ended, connections reset): now die of the
+        # signal, so that whoever started us sees it as such.
+        import signal
+
+        signal.signal(signalled[0], signal.SIG_DFL)
+        os.kill(os.getpid(), signalled[0])
+        code = 128 + signalled[0]  # not reached while the signal is deliverable
     except tether.UsageError as exc:
         fail(str(exc), 2)
     except tether.CertificateError as exc:
@@ -90,6 +99,40 @@ def run_main(main: Callable[[], Coroutine[Any, Any, int]], *, teardown: bool = F
     if not teardown:
         _exit_now(code)
     sys.exit(code)
+
+
+class _Signalled(Exception):
+    """The main task was cancelled by SIGTERM or SIGHUP."""
+
+
+async def _cancelled_by_signals(main: Coroutine[Any, Any, int], signalled: list[int]) -> int:
+    """Run ``main``; SIGTERM and SIGHUP cancel it as Ctrl-C does, so that
+    its clean-up runs: killed outright, the process would leave a command
+    that is not reading its stdin running on the agent (our end of the
+    connection would go on sending the queued stdin before its end, and the
+    agent, not reading it, would never learn that we are gone)."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def stop(signum: int) -> None:
+        if not signalled:
+            signalled.append(signum)
+            task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        code = await main
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+    if signalled:  # also when the command's own clean-up swallowed the cancellation
+        raise _Signalled
+    return code
 
 
 def _local_failure(exc: OSError, what: str | None = None) -> int:

@@ -309,7 +309,10 @@ async def _serve(config: tether.ServerConfig) -> int:
     for address in server.addresses:
         click.echo(f"tether: listening on {address}", err=True)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too (the terminal it ran in closed): its commands run in
+    # sessions of their own, which that hangup never reaches; killed by it,
+    # the agent would leave them running with nobody to end them.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, server.stop)
     await server.serve()
     click.echo("tether: stopped", err=True)

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import math
 import os
-import socket
-import struct
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -41,6 +38,7 @@ from ..messages import (
     Stdout,
 )
 from .channel import Channel, Closed
+from .wire import reset
 
 if TYPE_CHECKING:
     from . import transfer
@@ -274,7 +272,9 @@ class Connection:
         What is still queued for the agent is sent first, for at most
         ``CLOSE_TIMEOUT`` seconds (an agent that does not read it, for a
         program that does not read its stdin, would hold it forever); then
-        the connection is cut.
+        the connection is cut. It is cut at once when requests are left
+        running and frames wait unsent: those can only be for them (stdin
+        the command is not reading), and the agent ends them when we are gone.
         """
         if self._keepalive is not None:
             self._keepalive.cancel()
@@ -282,12 +282,15 @@ class Connection:
         wire.closing = True
         transport = wire.transport
         if transport is not None and not transport.is_closing():
-            transport.close()
+            if wire.queues and transport.get_write_buffer_size() > 0:
+                reset(transport)
+            else:
+                transport.close()
         if transport is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(wire.lost), CLOSE_TIMEOUT)
             except builtins.TimeoutError:
-                _reset(transport)
+                reset(transport)
         await asyncio.sleep(0)
 
     def _open(self, msg_factory: Any) -> tuple[int, asyncio.Queue[Message | Closed]]:
@@ -522,17 +525,6 @@ class Connection:
                 await asyncio.gather(feeder, return_exceptions=True)
         assert proc.exit_status is not None
         return CommandResult(bytes(out), bytes(err), proc.exit_status, self.encoding)
-
-
-def _reset(transport: asyncio.Transport) -> None:
-    """Cut the connection with a reset: a plain close would leave the kernel
-    sending what is queued, then the end of the stream, to an agent that reads
-    none of it, which would never learn that we are gone."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
 
 
 async def _feed(proc: RemoteProcess, data: bytes) -> None:

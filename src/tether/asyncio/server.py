@@ -28,7 +28,7 @@ from ..limits import DEFAULT_PORT, HELLO_TIMEOUT, Limits
 from ..policy import ExecPolicy
 from ..tokens import load_tokens
 from .execution import KILL_GRACE
-from .session import ServerConnection, format_peer
+from .session import CLOSE_GRACE, ServerConnection, format_peer
 from .udp import PingResponder
 
 __all__ = ["Server", "ServerConfig", "ServerConnection"]
@@ -39,7 +39,7 @@ PORT_ATTEMPTS = 20  # tries to find a free TCP+UDP port pair for --port 0
 IDLE_SWEEP_MAX = 5.0  # seconds between idle checks at the most (a quarter of the timeout if less)
 # Seconds a stopping agent waits for its last frames (output, exit, the
 # shutting_down errors) to reach clients that read slowly before it cuts them.
-DRAIN_TIMEOUT = 5.0
+DRAIN_TIMEOUT = CLOSE_GRACE
 
 
 @dataclass
@@ -80,6 +80,12 @@ class ServerConfig:
                 raise UsageError(f"{name} must be a finite number of seconds > 0, not {value!r}")
 
 
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is edited, replaced or chmod'ed (the ctime:
+    a tokens file refused for its mode is taken once `chmod 600` fixes it)."""
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size)
+
+
 def _remove_stale_socket(path: str) -> None:
     """Unlink a socket file left by an agent that died; refuse a live one.
 
@@ -114,7 +120,7 @@ class Server:
         self._udp: list[asyncio.DatagramTransport] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
-        self._unix_bound: str | None = None
+        self._unix_bound: tuple[str, int, int] | None = None  # path, st_dev, st_ino
         self.unauthenticated: set[ServerConnection] = set()
         # Accepted, TLS handshake not done: a failed handshake never reaches
         # the connection, so entries expire after the handshake timeout.
@@ -126,12 +132,12 @@ class Server:
         self.authenticator = Authenticator(
             initial, FailureLimiter(max_failures=config.max_auth_failures)
         )
-        self._tokens_mtime: int | None = None
+        self._tokens_stamp: tuple[int, ...] | None = None
         self._idle_sweep: asyncio.TimerHandle | None = None
         if config.tokens_file is not None and os.path.lexists(config.tokens_file):
             # Refuse to start on an unsafe or malformed file, not later.
             self.authenticator.tokens = initial | load_tokens(config.tokens_file)
-            self._tokens_mtime = os.stat(config.tokens_file).st_mtime_ns
+            self._tokens_stamp = _stamp(os.stat(config.tokens_file))
 
     def authenticate(self, token: str, address: str | None) -> str | AuthFailure:
         """The identity ``token`` was issued under, or why the hello fails."""
@@ -144,14 +150,14 @@ class Server:
         if path is None:
             return
         try:
-            mtime = os.stat(path).st_mtime_ns
+            stamp: tuple[int, ...] | None = _stamp(os.stat(path))
         except FileNotFoundError:
-            mtime = None
-        if mtime == self._tokens_mtime:
+            stamp = None
+        if stamp == self._tokens_stamp:
             return
-        self._tokens_mtime = mtime
+        self._tokens_stamp = stamp
         tokens = {self.config.token: "default"} if self.config.token else {}
-        if mtime is not None:
+        if stamp is not None:
             try:
                 tokens |= load_tokens(path)
             except UsageError as exc:
@@ -260,7 +266,8 @@ class Server:
             )
         finally:
             os.umask(old_umask)
-        self._unix_bound = path
+        st = os.lstat(path)
+        self._unix_bound = (path, st.st_dev, st.st_ino)
         os.chmod(path, 0o600)
         self._servers.append(server)
         self.addresses.append(f"unix {path}")
@@ -283,9 +290,14 @@ class Server:
             self._idle_sweep.cancel()
         servers = list(self._servers)
         self._close_listeners()
-        if self._unix_bound is not None:  # never another agent's socket
+        if self._unix_bound is not None:
+            path, dev, ino = self._unix_bound
             with contextlib.suppress(OSError):
-                os.unlink(self._unix_bound)
+                st = os.lstat(path)
+                # Never another agent's socket: ours may have been removed
+                # and the path bound again meanwhile.
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    os.unlink(path)
         running = [t for c in self.connections for t in c.tasks.values()]
         if running:
             log.info(

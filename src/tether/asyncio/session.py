@@ -41,7 +41,12 @@ from ..protocol import (
 )
 from .execution import handle_exec
 from .files import FILE_HANDLERS
-from .wire import flush
+from .wire import flush, reset
+
+# Seconds a closing connection gets to send what it queued to a client that
+# reads slowly (its last output, an error frame) before it is cut.
+CLOSE_GRACE = 5.0
+PEER_WATCH = 0.5  # seconds between looks for a client gone while its input is held
 
 if TYPE_CHECKING:
     from .server import Server
@@ -181,7 +186,20 @@ class ServerConnection(asyncio.BufferedProtocol):
         """Stop reading from the client until ``release_input(key)``."""
         if not self._input_holders and self.transport is not None and not self.closed:
             self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(PEER_WATCH, self._watch_peer)
         self._input_holders[key] = None
+
+    def _watch_peer(self) -> None:
+        # Not reading, we would not see the client go (its reset, or the end
+        # of its stream): a command would run on for nobody. Look, while held.
+        if self.closed or not self._input_holders:
+            return
+        if self._peer_gone():
+            log.info("%s: closing connection: the client went away", self.peer)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        asyncio.get_running_loop().call_later(PEER_WATCH, self._watch_peer)
 
     def release_input(self, key: object) -> None:
         if key not in self._input_holders:
@@ -275,8 +293,16 @@ class ServerConnection(asyncio.BufferedProtocol):
         for task in self.tasks.values():
             task.cancel()
         self._flush()
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+            # A client that reads nothing would hold the close, and this
+            # connection's memory, for ever.
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, self._cut)
+
+    def _cut(self) -> None:
+        # A stopping agent drains its connections itself (Server.close).
+        if not self.closed and self.transport is not None and not self.server.stopping:
+            reset(self.transport)
 
     def _hello_timeout(self) -> None:
         if self.identity is None and not self.closed:
@@ -332,14 +358,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         """
         if self.closed or self.identity is None:
             return
-        if self._input_holders and self._peer_gone():
-            # Reading is paused (a command does not read its stdin), so the
-            # client's close would go unseen until we next write: the command
-            # would run on for nobody.
-            log.info("%s: closing connection: the client went away", self.peer)
-            if self.transport is not None:
-                self.transport.abort()
-            return
+        if self.transport is None or self.transport.is_closing():
+            return  # closing already (and cut after CLOSE_GRACE): not idle, not again
         if self.tasks:
             self._last_input = now  # running is not idle
             return
