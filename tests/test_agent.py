@@ -892,6 +892,41 @@ def test_an_audit_log_that_cannot_be_written_does_not_stop_the_agent(
         assert a.log().count("cannot write the audit log") == 1
 
 
+def resident_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_an_agent_stops_reading_a_client_that_reads_none_of_its_answers(agent: Agent) -> None:
+    """300 echoes of 1 MiB sent, not one answer read: once the socket takes no
+    more of its output the agent reads no more requests, so the sender soon
+    blocks and the agent's memory stays put (§4.6). It read on, answering
+    into its memory: 300 MiB more."""
+    before = resident_mib(agent.proc.pid)
+    body = bytes(1024 * 1024)
+    sent = 0
+    with RawClient(agent.unix.removeprefix("unix:"), timeout=2.0) as raw:
+        raw.hello(agent.token)
+        with pytest.raises(TimeoutError):  # sendall blocked: the agent stopped reading
+            for ident in range(1, 301):
+                raw.send_frame({"op": "echo", "id": ident, "body_len": len(body)}, body)
+                sent += 1
+        time.sleep(0.5)
+        grown = resident_mib(agent.proc.pid) - before
+    assert sent < 100
+    assert grown < 64, (grown, sent)
+
+    # Still serving, that client gone.
+    async def echo() -> str | bytes:
+        async with tether.connect(agent.host, token=agent.token) as conn:
+            return await conn.echo("after")
+
+    assert asyncio.run(echo()) == "after"
+
+
 # 8. Echo -------------------------------------------------------------------------------------
 
 

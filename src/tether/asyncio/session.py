@@ -47,6 +47,10 @@ from .wire import flush, reset
 # reads slowly (its last output, an error frame) before it is cut.
 CLOSE_GRACE = 5.0
 PEER_WATCH = 0.5  # seconds between looks for a client gone while its input is held
+# Holds a connection's input while the socket takes no more of its output: a
+# client that sends requests and reads none of the answers (1 MiB echoes, say)
+# would otherwise pile them up in the agent's memory without bound (§4.6).
+_OUTPUT_BLOCKED = object()
 
 if TYPE_CHECKING:
     from .server import Server
@@ -160,11 +164,13 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        self.hold_input(_OUTPUT_BLOCKED)
         for controller in self.controllers.values():
             controller.pause_output()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        self.release_input(_OUTPUT_BLOCKED)
         self._wake_writers()
         for controller in self.controllers.values():
             controller.resume_output()
