@@ -892,6 +892,34 @@ def test_an_audit_log_that_cannot_be_written_does_not_stop_the_agent(
         assert a.log().count("cannot write the audit log") == 1
 
 
+def test_a_clean_stop_exits_0_when_nobody_reads_stderr_any_more(tmp_path: Path) -> None:
+    """The reader of the agent's stderr went away (a supervisor's log pipe):
+    a SIGTERM stop still exits 0. It exited 141 (EPIPE on "tether: stopped"),
+    which a supervisor takes for a failure."""
+    state = tmp_path / "state"
+    agent = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "tether", "serve", "--port", "0", "--no-udp"),
+            *("--state-dir", str(state), "--root", str(tmp_path)),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert agent.stderr is not None
+        deadline = time.monotonic() + 30
+        while b"listening on" not in agent.stderr.readline():
+            assert time.monotonic() < deadline and agent.poll() is None
+        agent.stderr.close()  # the reader is gone
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+
+
 def resident_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         for line in status:

@@ -117,6 +117,17 @@ async def test_close_does_not_hang_on_input_the_agent_does_not_read(agent: Agent
         assert found.returncode != 0, "the command still runs after its client went away"
 
 
+async def test_a_request_too_large_to_send_leaves_nothing_registered(agent: Agent) -> None:
+    """An exec whose header is over the limit is refused before it is sent,
+    and leaves no request behind (its queue stayed registered for ever)."""
+    async with connect(agent) as conn:
+        for _ in range(3):
+            with pytest.raises(tether.TetherError):
+                await conn.run(["echo", "a" * 70_000])
+        assert conn._wire.queues == {}
+        assert (await conn.run(["echo", "ok"])).stdout == b"ok\n"
+
+
 async def test_keepalive_goes_on_while_output_waits_unread(tmp_path: Path) -> None:
     """More than 8 MiB of output unread stops the client reading; its
     keepalive must still reach the agent, which would otherwise close the

@@ -12,6 +12,7 @@ import asyncio
 import codecs
 import functools
 import hashlib
+import json
 import os
 import random
 import select
@@ -1107,6 +1108,45 @@ async def test_sigterm_with_short_grace_ends_what_is_left(tmp_path: Path) -> Non
         short.stop()
         check_clean_log(short)
         kill_leftovers(pids)
+
+
+async def test_a_command_ended_by_the_shutdown_is_audited_as_shutting_down(
+    tmp_path: Path,
+) -> None:
+    """The client is told shutting_down; the audit record says the same. It
+    said "ended", as for a client that went away."""
+    audit = tmp_path / "audit.jsonl"
+    short = start_agent(tmp_path, "--grace", "0.5", "--audit-log", str(audit), name="audited")
+    pids: list[int] = []
+    try:
+        async with tether.connect(short.host, token=short.token) as conn:
+            proc = await conn.exec(shell="echo $$; exec sleep 300")
+            await read_pids(proc, 1, pids)
+            short.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(RemoteError):
+                async with asyncio.timeout(20):
+                    await proc.wait()
+        assert await wait_exit(short.proc, 20) == 0
+    finally:
+        short.stop()
+        kill_leftovers(pids)
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    requests = [r for r in records if r["event"] == "request" and r.get("op") == "exec"]
+    assert [r["outcome"] for r in requests] == ["shutting_down"], requests
+
+
+async def test_error_messages_quote_the_clients_text_cut_short(agent: Agent) -> None:
+    """A program or directory name of thousands of characters comes back in
+    the error cut to 64 characters (§3.3), as an unknown op or signal does."""
+    long_name = "p" * 5000
+    async with connect(agent) as conn:
+        for argv, cwd in (([long_name], None), (["true"], "d" * 5000)):
+            with pytest.raises(RemoteError) as caught:
+                await conn.run(argv, cwd=cwd)
+            assert len(caught.value.message) < 120, caught.value.message
+            assert "p" * 64 + "..." in caught.value.message or "d" * 64 + "..." in (
+                caught.value.message
+            )
 
 
 async def test_sigterm_with_short_grace_kills_a_group_that_ignores_term(tmp_path: Path) -> None:

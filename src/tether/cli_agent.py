@@ -315,5 +315,12 @@ async def _serve(config: tether.ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, server.stop)
     await server.serve()
-    click.echo("tether: stopped", err=True)
+    try:
+        click.echo("tether: stopped", err=True)
+    except OSError:
+        # Whoever read our stderr is gone (EPIPE): the stop itself went well,
+        # so exit 0 all the same, and let nothing else try to write there.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
     return 0

@@ -6,6 +6,8 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .messages import shorten
+
 __all__ = ["LOADER_VARIABLES", "ExecPolicy"]
 
 # Environment variables that make an allowed program load or run other code.
@@ -42,7 +44,7 @@ class ExecPolicy:
                     return None
             elif "/" not in program and fnmatch.fnmatchcase(program, pattern):
                 return None
-        return f"{program} is not allowed on this agent"
+        return f"{shorten(program)} is not allowed on this agent"
 
     def env_refusal(self, names: Sequence[str]) -> str | None:
         """Why these client environment variables may not be set.
@@ -54,5 +56,5 @@ class ExecPolicy:
             return None
         for name in names:
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in LOADER_VARIABLES):
-                return f"{name} may not be set on this agent (it has an --allow list)"
+                return f"{shorten(name)} may not be set on this agent (it has an --allow list)"
         return None

@@ -298,8 +298,8 @@ class Connection:
             raise self._wire.error
         request_id = self._wire.protocol.new_request_id()
         queue: asyncio.Queue[Message | Closed] = asyncio.Queue()
+        self._wire.send(msg_factory(request_id))  # may refuse it (too large): nothing to undo
         self._wire.queues[request_id] = queue
-        self._wire.send(msg_factory(request_id))
         return request_id, queue
 
     def _forget(self, request_id: int) -> None:

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..exceptions import RemoteError
-from ..messages import ErrorCode, Exec, Exit, Message, Signal, Stderr, Stdin, Stdout
+from ..messages import ErrorCode, Exec, Exit, Message, Signal, Stderr, Stdin, Stdout, shorten
 from .child import Child, spawn
 
 if TYPE_CHECKING:
@@ -110,6 +110,7 @@ class ExecRunner:
         """
         loop = asyncio.get_running_loop()
         argv = self.argv
+        program = shorten(argv[0])  # the client's text, quoted back (§3.3)
         try:
             # A new session: its own process group, so all of it can be signalled.
             transport = await spawn(
@@ -120,16 +121,18 @@ class ExecRunner:
                 # The child could not enter the directory: not the program's fault.
                 raise RemoteError(
                     ErrorCode.EXEC_FAILED,
-                    f"cannot enter {self.request.cwd or '.'}: {exc.strerror}",
+                    f"cannot enter {shorten(self.request.cwd or '.')}: {exc.strerror}",
                 ) from None
             if isinstance(exc, FileNotFoundError):
-                raise RemoteError(ErrorCode.NOT_FOUND, f"no such program: {argv[0]}") from None
+                raise RemoteError(
+                    ErrorCode.NOT_FOUND, f"no such program: {shorten(program)}"
+                ) from None
             if isinstance(exc, PermissionError):
                 raise RemoteError(
-                    ErrorCode.PERMISSION_DENIED, f"permission denied: {argv[0]}"
+                    ErrorCode.PERMISSION_DENIED, f"permission denied: {program}"
                 ) from None
             raise RemoteError(
-                ErrorCode.EXEC_FAILED, f"cannot run {argv[0]}: {exc.strerror}"
+                ErrorCode.EXEC_FAILED, f"cannot run {program}: {exc.strerror}"
             ) from None
         finally:
             # Reading resumes only once this returns to the loop, after the
@@ -342,7 +345,7 @@ async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
     root = config.root
     cwd = os.path.join(root, request.cwd) if request.cwd else os.fspath(root)
     if not os.path.isdir(cwd):
-        raise RemoteError(ErrorCode.NOT_FOUND, f"no such directory: {request.cwd}")
+        raise RemoteError(ErrorCode.NOT_FOUND, f"no such directory: {shorten(request.cwd or '.')}")
     runner = ExecRunner(request, conn, cwd=cwd, env=env)
     conn.attach(request.id, runner)
     conn.note(request.id, cwd=cwd)

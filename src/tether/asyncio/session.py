@@ -425,10 +425,10 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self._finish(request.id, final)
                 return
             if self.server.stopping:
-                # Past the grace period: the request still gets its last frame.
-                self._finish(
-                    request.id, Error(request.id, ErrorCode.SHUTTING_DOWN, "the agent is stopping")
-                )
+                # Past the grace period: the request still gets its last frame,
+                # and the audit record says what the client was told.
+                final = Error(request.id, ErrorCode.SHUTTING_DOWN, "the agent is stopping")
+                self._finish(request.id, final)
             raise
         except Exception:
             log.exception("%s: request %d (%s) failed", self.peer, request.id, request.OP)
