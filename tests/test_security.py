@@ -1032,6 +1032,50 @@ def test_serve_refuses_world_readable_tokens_file_option(tmp_path: Path) -> None
     assert b"sometoken" not in refused.stderr
 
 
+def serve_once(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``tether serve`` that is expected to refuse to start."""
+    (tmp_path / "root").mkdir(exist_ok=True)
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "tether", "serve", "--port", "0", "--no-udp"),
+            *("--root", str(tmp_path / "root"), *args),
+        ],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+    )
+
+
+def test_serve_refuses_secrets_and_a_state_directory_others_can_reach(tmp_path: Path) -> None:
+    """As ssh refuses a private key others may read: the agent's own token and
+    key, and a state directory others may write in (they could swap the files
+    in it), are refused at start, with the chmod that fixes each. They were
+    used without a word."""
+    with running(tmp_path, name="first") as a:  # makes token, cert and key
+        state = a.state_dir
+    for name, mode, fix in (
+        ("token", 0o644, "chmod 600"),
+        ("key.pem", 0o640, "chmod 600"),
+        (".", 0o777, "chmod 700"),
+    ):
+        path = state / name
+        before = stat.S_IMODE(os.stat(path).st_mode)
+        path.chmod(mode)
+        refused = serve_once(tmp_path, "--state-dir", str(state))
+        assert refused.returncode != 0, (name, refused.stderr)
+        assert fix.encode() in refused.stderr, (name, refused.stderr)
+        assert b"listening" not in refused.stderr
+        path.chmod(before)
+    given = tmp_path / "given.token"
+    given.write_text("a-token-of-my-own-making-long-enough\n")
+    given.chmod(0o604)
+    refused = serve_once(tmp_path, "--state-dir", str(state), "--token-file", str(given))
+    assert refused.returncode != 0
+    assert b"chmod 600" in refused.stderr and b"a-token-of-my-own" not in refused.stderr
+    with running(tmp_path, name="first") as again:  # all put back: it starts
+        assert again.state_dir == state
+
+
 # 7. Exec policy --------------------------------------------------------------------------
 
 

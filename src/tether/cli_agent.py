@@ -173,7 +173,7 @@ def serve(
 
     import tether
     from tether.addresses import check_host_name
-    from tether.tokens import read_token_file
+    from tether.tokens import check_private, read_token_file
 
     logging.basicConfig(
         level=log_level.upper(),
@@ -189,6 +189,7 @@ def serve(
         fail(str(exc), 2)
     try:
         if token_file:
+            check_private(token_file, "token file")
             token = read_token_file(token_file)
         else:
             directory = Path(state_dir) if state_dir else tether.default_state_dir()

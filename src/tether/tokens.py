@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TOKEN_ENV",
+    "check_private",
+    "check_state_dir",
     "create_token_file",
     "default_state_dir",
     "find_client_token",
@@ -56,6 +58,34 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
     return token
 
 
+def check_private(path: str | os.PathLike[str], what: str, mode: int | None = None) -> None:
+    """Refuse a secret others may read, as ssh refuses such a key.
+
+    Raises:
+        UsageError: group or others have any access to ``path`` (``mode``
+            if given, else its own).
+    """
+    shown = os.fspath(path)
+    mode = (os.stat(path).st_mode if mode is None else mode) & 0o777
+    if mode & 0o077:
+        raise UsageError(f"{what} {shown} is mode {mode:o}: others may read it; chmod 600 {shown}")
+
+
+def check_state_dir(directory: str | os.PathLike[str]) -> None:
+    """Refuse a state directory others may write in: they could swap its files.
+
+    Raises:
+        UsageError: it is writable by group or others.
+    """
+    shown = os.fspath(directory)
+    mode = os.stat(directory).st_mode & 0o777
+    if mode & 0o022:
+        raise UsageError(
+            f"state directory {shown} is mode {mode:o}: others may change what is in it; "
+            f"chmod 700 {shown}"
+        )
+
+
 def create_token_file(state_dir: Path) -> tuple[str, Path, bool]:
     """Load the agent's token from ``state_dir``, making it on first start.
 
@@ -64,13 +94,18 @@ def create_token_file(state_dir: Path) -> tuple[str, Path, bool]:
 
     Returns:
         The token, its file, and whether it was made just now.
+
+    Raises:
+        UsageError: the directory or an existing token file is open to others.
     """
     path = state_dir / TOKEN_FILE_NAME
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_state_dir(state_dir)
     token = new_token()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        check_private(path, "token file")
         return read_token_file(path), path, False
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(token + "\n")
@@ -131,11 +166,7 @@ def load_tokens(path: str | os.PathLike[str]) -> dict[str, str]:
     except OSError as exc:
         raise UsageError(f"cannot read tokens file {shown}: {exc.strerror}") from None
     with os.fdopen(fd, encoding="utf-8") as f:
-        mode = os.fstat(f.fileno()).st_mode & 0o777
-        if mode & 0o077:
-            raise UsageError(
-                f"tokens file {shown} is mode {mode:o}: others may read it; chmod 600 {shown}"
-            )
+        check_private(shown, "tokens file", os.fstat(f.fileno()).st_mode)
         try:
             text = f.read()
         except UnicodeDecodeError:

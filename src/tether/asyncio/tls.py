@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..exceptions import UsageError
 from ..known_hosts import fingerprint
+from ..tokens import check_private
 
 if TYPE_CHECKING:
     from pathlib import Path  # the agent's: a client never imports it for TLS
@@ -34,6 +35,7 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path, bool]:
     """
     cert_path, key_path = state_dir / CERT_FILE, state_dir / KEY_FILE
     if cert_path.exists() and key_path.exists():
+        check_private(key_path, "key file")  # the agent's identity: its own only
         return cert_path, key_path, False
     # cryptography is imported only to make a certificate: clients never need
     # it, and it stays in an agent's memory (8 MiB) once loaded.
