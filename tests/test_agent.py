@@ -1004,13 +1004,55 @@ def test_cli_ping(agent: Agent, tether_cli: type[Cli]) -> None:
 
 @pytest.mark.timeout(30)
 def test_cli_ping_no_agent(tether_cli: type[Cli]) -> None:
+    """Nothing listens on the port: the host says so (ICMP port unreachable),
+    and each ping says so at once rather than waiting out -W for silence."""
     host = f"127.0.0.1:{free_port()}"
-    proc = tether_cli.run(["ping", host, "-c", "3", "-i", "0.2", "-W", "0.3"])
+    started = time.monotonic()
+    proc = tether_cli.run(["ping", host, "-c", "3", "-i", "0.2", "-W", "5"])
+    took = time.monotonic() - started
     out = proc.stdout.decode()
     assert proc.returncode == 1, proc
     assert "3 sent, 0 received, 100% loss" in out
+    assert out.count("port unreachable") == 3, out
     assert "time=" not in out
     assert "rtt" not in out
+    assert took < 5, took  # not 3 x 5 s
+
+
+def test_cli_ping_interrupted_prints_its_statistics(agent: Agent) -> None:
+    """Ctrl-C ends a ping with the statistics so far, as ping(8) does."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether", "ping", agent.host, "-c", "1000", "-i", "0.05"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"PING ")
+        for _ in range(3):
+            assert b"bytes from" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    match = re.search(rb"^(\d+) sent, (\d+) received", out, re.M)
+    assert match, out
+    assert int(match[1]) >= 2 and int(match[2]) >= 2
+    assert b"rtt min/avg/max" in out
+
+
+def test_cli_ping_of_a_unix_socket_is_refused_before_anything_is_printed(
+    tether_cli: type[Cli],
+) -> None:
+    proc = tether_cli.run(["ping", "unix:/run/none.sock"])
+    assert proc.returncode == 2
+    assert proc.stdout == b""
+    assert b"Unix socket" in proc.stderr
 
 
 PING_MAGIC, PONG_MAGIC = b"TPNG", b"TPNR"

@@ -24,6 +24,9 @@ CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\udc80-\udc9f]")
         ("bytes\udc9b\udcff", "bytes\\x9b\udcff"),  # a non-UTF-8 name's 0x9b, 0xff
         ("naïve ünïcode ✓", "naïve ünïcode ✓"),
         ("[red]", "[red]"),
+        # A name holding a backslash and "x0a" is not a name holding a newline.
+        ("new\\x0aline", "new\\\\x0aline"),
+        ("C:\\dir", "C:\\\\dir"),
     ],
 )
 def test_control_characters_are_escaped(text: str, shown: str) -> None:
@@ -41,6 +44,15 @@ def test_no_control_character_survives_and_nothing_is_lost(text: str) -> None:
     # Without backslashes of its own, every \xNN in the output is an escape:
     # undone, it gives the text back (a lone surrogate as the byte it stood for).
     undone = re.sub(r"\\x([0-9a-f]{2})", lambda m: chr(int(m[1], 16)), out)
+    assert undone == re.sub("[\udc80-\udc9f]", lambda m: chr(ord(m[0]) - 0xDC00), text)
+
+
+@given(st.text(st.characters(exclude_categories=())))
+def test_any_text_comes_back_from_what_is_shown(text: str) -> None:
+    """Unambiguous: undoing the escapes gives the text back, backslashes too."""
+    out = printable(text)
+    assert CONTROL.search(out) is None
+    undone = re.sub(r"\\\\|\\x([0-9a-f]{2})", lambda m: chr(int(m[1], 16)) if m[1] else "\\", out)
     assert undone == re.sub("[\udc80-\udc9f]", lambda m: chr(ord(m[0]) - 0xDC00), text)
 
 

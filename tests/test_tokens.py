@@ -61,7 +61,11 @@ def test_tokens_are_random(tmp_path: Path) -> None:
 
 def test_existing_token_file_is_kept(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("  given-token \n", encoding="utf-8")
+    (tmp_path / "token").chmod(0o600)
     assert create_token_file(tmp_path) == ("given-token", tmp_path / "token", False)
+    (tmp_path / "token").chmod(0o640)  # others may read it: refused, as ssh refuses a key
+    with pytest.raises(UsageError, match="chmod 600"):
+        create_token_file(tmp_path)
 
 
 def test_read_token_file_strips_whitespace(tmp_path: Path) -> None:
@@ -75,8 +79,16 @@ def test_read_token_file_missing(tmp_path: Path) -> None:
     path = tmp_path / "missing"
     with pytest.raises(UsageError) as info:
         read_token_file(path)
-    assert str(info.value).startswith(f"cannot read token file {path}: ")
+    assert str(info.value) == f"cannot read token file {path}: No such file or directory"
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_read_token_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """Some editors start a UTF-8 file with a BOM: it is no part of the token
+    (it was, and the token was refused as wrong)."""
+    path = tmp_path / "t"
+    path.write_bytes(b"\xef\xbb\xbfabc.def\r\n")
+    assert read_token_file(path) == "abc.def"
 
 
 @pytest.mark.parametrize("content", [b"", b"   \n\t\n"], ids=["empty", "whitespace"])
@@ -93,7 +105,7 @@ def test_read_token_file_directory_and_bad_encoding(tmp_path: Path) -> None:
         read_token_file(tmp_path)
     bad = tmp_path / "bad"
     bad.write_bytes(b"\xff\xfe token")
-    with pytest.raises(UsageError, match="cannot read token file"):
+    with pytest.raises(UsageError, match="is not UTF-8 text"):
         read_token_file(bad)
 
 

@@ -809,28 +809,42 @@ def ping(host: str, count: int, interval: float, wait: float, size: int) -> None
 
 
 async def _ping(host: str, count: int, interval: float, wait: float, size: int) -> int:
+    import asyncio
+
     import tether
 
     address = tether.parse_address(host)
+    pings = tether.ping(address, count=count, interval=interval, timeout=wait, size=size)
     click.echo(f"PING {address} (udp): {size} bytes")
-    rtts = []
-    async for reply in tether.ping(
-        address, count=count, interval=interval, timeout=wait, size=size
-    ):
-        if reply.rtt is None:
-            click.echo(f"no reply for seq={reply.seq} within {wait:g}s")
-        else:
-            rtts.append(reply.rtt * 1000)
-            click.echo(
-                f"{reply.size} bytes from {address}: seq={reply.seq} time={reply.rtt * 1000:.3f} ms"
-            )
-    loss = 100.0 * (count - len(rtts)) / count
+    rtts: list[float] = []
+    sent = 0
+    try:
+        async for reply in pings:
+            sent += 1
+            if reply.refused:
+                click.echo(f"seq={reply.seq}: port unreachable: nothing listens on {address} (udp)")
+            elif reply.rtt is None:
+                click.echo(f"no reply for seq={reply.seq} within {wait:g}s")
+            else:
+                rtts.append(reply.rtt * 1000)
+                click.echo(
+                    f"{reply.size} bytes from {address}: "
+                    f"seq={reply.seq} time={reply.rtt * 1000:.3f} ms"
+                )
+    except asyncio.CancelledError:  # Ctrl-C: the statistics so far, as ping(8)
+        _ping_statistics(address, sent, rtts)
+        raise
+    _ping_statistics(address, sent, rtts)
+    return 0 if rtts else 1
+
+
+def _ping_statistics(address: object, sent: int, rtts: list[float]) -> None:
+    loss = 100.0 * (sent - len(rtts)) / sent if sent else 0.0
     click.echo(f"--- {address} ping statistics ---")
-    click.echo(f"{count} sent, {len(rtts)} received, {loss:.0f}% loss")
+    click.echo(f"{sent} sent, {len(rtts)} received, {loss:.0f}% loss")
     if rtts:
         avg = sum(rtts) / len(rtts)
         click.echo(f"rtt min/avg/max = {min(rtts):.3f}/{avg:.3f}/{max(rtts):.3f} ms")
-    return 0 if rtts else 1
 
 
 def main() -> None:

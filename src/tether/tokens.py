@@ -49,10 +49,15 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
         UsageError: the file cannot be read or holds no token.
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a file saved by an editor that starts it with a BOM.
+        with open(path, encoding="utf-8-sig") as f:
             token = f.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read token file {os.fspath(path)}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read token file {os.fspath(path)}: {exc.strerror or exc}"
+        ) from None
+    except UnicodeDecodeError:
+        raise UsageError(f"token file {os.fspath(path)} is not UTF-8 text") from None
     if not token:
         raise UsageError(f"token file {os.fspath(path)} is empty")
     return token

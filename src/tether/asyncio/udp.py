@@ -33,17 +33,22 @@ class PingResponder(asyncio.DatagramProtocol):
 
 @dataclass(frozen=True, slots=True)
 class PingReply:
-    """One ping's outcome: ``rtt`` in seconds, or ``None`` if no reply came."""
+    """One ping's outcome: ``rtt`` in seconds, or ``None`` if no reply came;
+    ``refused`` when the host said nothing listens on that UDP port (ICMP
+    port unreachable), rather than staying silent."""
 
     seq: int
     rtt: float | None
     size: int
+    refused: bool = False
+
+
+_REFUSED = -1  # in the replies queue: an ICMP port unreachable, not a pong
 
 
 class _Pinger(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.replies: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue()
-        self.error: Exception | None = None
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         pong = parse_pong(data)
@@ -51,20 +56,29 @@ class _Pinger(asyncio.DatagramProtocol):
             self.replies.put_nowait((pong.seq, time.monotonic_ns(), len(data)))
 
     def error_received(self, exc: Exception) -> None:
-        self.error = exc
+        if isinstance(exc, ConnectionRefusedError):  # the ICMP answer to the last ping
+            self.replies.put_nowait((_REFUSED, time.monotonic_ns(), 0))
 
 
-async def ping(
+def ping(
     address: Address, *, count: int = 4, interval: float = 1.0, timeout: float = 1.0, size: int = 16
 ) -> AsyncIterator[PingReply]:
     """Send ``count`` pings ``interval`` seconds apart and yield each outcome.
 
     Raises:
-        UsageError: ``address`` is a Unix socket (ping is UDP only).
-        ConnectError: the host name does not resolve.
+        UsageError: ``address`` is a Unix socket (ping is UDP only): at once,
+            before any iteration.
+        ConnectError: the host name does not resolve (while iterating).
     """
     if address.host is None or address.port is None:
         raise UsageError("ping needs a TCP/UDP host, not a Unix socket")
+    return _pings(address, count, interval, timeout, size)
+
+
+async def _pings(
+    address: Address, count: int, interval: float, timeout: float, size: int
+) -> AsyncIterator[PingReply]:
+    assert address.host is not None and address.port is not None
     loop = asyncio.get_running_loop()
     try:
         transport, pinger = await loop.create_datagram_endpoint(
@@ -93,5 +107,7 @@ async def _await_reply(pinger: _Pinger, seq: int, sent: int, timeout: float) -> 
             got_seq, received, size = await asyncio.wait_for(pinger.replies.get(), remaining)
         except TimeoutError:
             return PingReply(seq, None, 0)
+        if got_seq == _REFUSED:
+            return PingReply(seq, None, 0, refused=True)
         if got_seq == seq:  # late replies to earlier pings are dropped
             return PingReply(seq, (received - sent) / 1e9, size)
