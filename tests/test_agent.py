@@ -955,6 +955,29 @@ def test_an_agent_stops_reading_a_client_that_reads_none_of_its_answers(agent: A
     assert asyncio.run(echo()) == "after"
 
 
+def test_many_gets_at_once_take_turns_and_hold_no_more_memory(agent: Agent) -> None:
+    """200 gets of a 3 MB file sent in one write and never read: the agent
+    sends a few at a time, so its memory stays put. Every get read its first
+    chunks at once: 400 MiB more. Through the API, 40 gets at once all arrive."""
+    (agent.root / "f").write_bytes(random.randbytes(3_000_000))
+    before = resident_mib(agent.proc.pid)
+    with RawClient(agent.unix.removeprefix("unix:"), timeout=5.0) as raw:
+        raw.hello(agent.token)
+        raw.send(b"".join(encode_frame({"op": "get", "id": i, "path": "f"}) for i in range(1, 201)))
+        time.sleep(2.0)
+        grown = resident_mib(agent.proc.pid) - before
+    assert grown < 64, grown
+
+    async def many() -> list[bytes]:
+        async with tether.connect(agent.host, token=agent.token) as conn:
+            dests = [agent.root / f"copy{i}" for i in range(40)]
+            await asyncio.gather(*(conn.get("f", d) for d in dests))
+            return [d.read_bytes() for d in dests]
+
+    original = (agent.root / "f").read_bytes()
+    assert all(copy == original for copy in asyncio.run(many()))
+
+
 # 8. Echo -------------------------------------------------------------------------------------
 
 

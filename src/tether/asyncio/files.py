@@ -119,20 +119,26 @@ def _scan(path: str) -> list[dict[str, Any]]:
 
 async def handle_list(conn: ServerConnection, request: ListDir) -> Message:
     path = resolve(_root(conn), request.path, follow=True)
-    try:
-        entries = await asyncio.to_thread(_scan, path)
-    except OSError as exc:
-        raise error_from_os(exc, request.path) from None
-    for start in range(0, len(entries), ENTRIES_PER_FRAME):
-        batch = entries[start : start + ENTRIES_PER_FRAME]
-        # ASCII JSON, like headers: undecodable name bytes travel as \\udcXX.
-        conn.send(Entries(request.id, body=json.dumps(batch).encode("ascii")))
-        await conn.drain()
+    async with conn.sending():
+        try:
+            entries = await asyncio.to_thread(_scan, path)
+        except OSError as exc:
+            raise error_from_os(exc, request.path) from None
+        for start in range(0, len(entries), ENTRIES_PER_FRAME):
+            batch = entries[start : start + ENTRIES_PER_FRAME]
+            # ASCII JSON, like headers: undecodable name bytes travel as \\udcXX.
+            conn.send(Entries(request.id, body=json.dumps(batch).encode("ascii")))
+            await conn.drain()
     return Done(request.id)
 
 
 async def handle_get(conn: ServerConnection, request: Get) -> Message:
     path = resolve(_root(conn), request.path, follow=True)
+    async with conn.sending():
+        return await _send_file(conn, request, path)
+
+
+async def _send_file(conn: ServerConnection, request: Get, path: str) -> Message:
     source = FileSource(path, request.path)
     offset = 0
     try:

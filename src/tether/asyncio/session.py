@@ -51,6 +51,10 @@ PEER_WATCH = 0.5  # seconds between looks for a client gone while its input is h
 # client that sends requests and reads none of the answers (1 MiB echoes, say)
 # would otherwise pile them up in the agent's memory without bound (§4.6).
 _OUTPUT_BLOCKED = object()
+# get and list requests of one connection that send at once; the others wait
+# their turn (holding no file, no chunk, no listing) so that a client asking
+# for 200 files at once does not make the agent hold 200 MiB of chunks.
+MAX_SENDING = 8
 
 if TYPE_CHECKING:
     from .server import Server
@@ -109,6 +113,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.execs = 0
         self._notes: dict[int, dict[str, Any]] = {}
         self.closed = False
+        self._sending: asyncio.Semaphore | None = None  # made by the first get or list
 
     # asyncio.Protocol ---------------------------------------------------------
 
@@ -213,6 +218,12 @@ class ServerConnection(asyncio.BufferedProtocol):
         del self._input_holders[key]
         if not self._input_holders and self.transport is not None and not self.closed:
             self.transport.resume_reading()
+
+    def sending(self) -> asyncio.Semaphore:
+        """The turn a get or list takes before it opens or reads anything."""
+        if self._sending is None:
+            self._sending = asyncio.Semaphore(MAX_SENDING)
+        return self._sending
 
     def track(self, task: asyncio.Task[Any]) -> None:
         self.server.track(task)
