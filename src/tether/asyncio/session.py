@@ -47,9 +47,13 @@ from .wire import flush, reset
 # reads slowly (its last output, an error frame) before it is cut.
 CLOSE_GRACE = 5.0
 PEER_WATCH = 0.5  # seconds between looks for a client gone while its input is held
-# Holds a connection's input while the socket takes no more of its output: a
-# client that sends requests and reads none of the answers (1 MiB echoes, say)
-# would otherwise pile them up in the agent's memory without bound (§4.6).
+# Output waiting for a client that does not read is bounded by flow control
+# for commands and transfers (they pause); answers to echo and the like are
+# written at once. Past this much waiting, the connection's input is held
+# until the socket drains: a client that sends requests and reads none of
+# the answers (1 MiB echoes, say) would otherwise pile them up in the
+# agent's memory without bound (§4.6).
+OUTPUT_HOLD = 8 * 1024 * 1024
 _OUTPUT_BLOCKED = object()
 # get and list requests of one connection that send at once; the others wait
 # their turn (holding no file, no chunk, no listing) so that a client asking
@@ -169,7 +173,6 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
-        self.hold_input(_OUTPUT_BLOCKED)
         for controller in self.controllers.values():
             controller.pause_output()
 
@@ -263,7 +266,14 @@ class ServerConnection(asyncio.BufferedProtocol):
     # Internals ----------------------------------------------------------------------
 
     def _flush(self) -> None:
-        flush(self.protocol, self.transport)
+        transport = self.transport
+        flush(self.protocol, transport)
+        if (
+            self.writing_paused
+            and transport is not None
+            and transport.get_write_buffer_size() > OUTPUT_HOLD
+        ):
+            self.hold_input(_OUTPUT_BLOCKED)  # released by resume_writing
 
     def _process_events(self) -> None:
         # Handling an event may produce more (accepting a hello releases the
@@ -271,7 +281,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         protocol = self.protocol
         while events := protocol.events_received():
             self._handle_events(events)
-        flush(protocol, self.transport)
+        self._flush()
 
     def _handle_events(self, events: list[Event]) -> None:
         for event in events:
