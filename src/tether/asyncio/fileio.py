@@ -104,14 +104,23 @@ class _ThreadedFile:
     _busy: asyncio.Future[Any] | None = None
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a thread.
+
+        Raises:
+            TransferError: for an OSError (EIO, ENOSPC...): this request
+                fails, cleanly, naming the file.
+        """
         future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         # Retrieved here, so that one nobody awaits any more (the caller was
         # cancelled) is not reported as "never retrieved".
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._busy = future
-        # Shielded: cancelling the caller must not mark this future done
-        # (cancelled) while the thread still uses the descriptor.
-        return await asyncio.shield(future)
+        try:
+            # Shielded: cancelling the caller must not mark this future done
+            # (cancelled) while the thread still uses the descriptor.
+            return await asyncio.shield(future)
+        except OSError as exc:
+            raise error_from_os(exc, self.shown) from None
 
     async def _hash_prefix(self, length: int) -> Any:
         """A hasher fed the file's first ``length`` bytes.
@@ -119,10 +128,7 @@ class _ThreadedFile:
         Raises:
             TransferError: the read failed (``io_error`` for EIO...).
         """
-        try:
-            return await self._in_thread(_hash_range, self.fd, length)
-        except OSError as exc:
-            raise error_from_os(exc, self.shown) from None
+        return await self._in_thread(_hash_range, self.fd, length)
 
     async def settle(self) -> None:
         """Wait for a thread still working on this file (after a cancellation)."""
@@ -185,10 +191,7 @@ class FileSource(_ThreadedFile):
         want = min(CHUNK_SIZE, self.meta.size - self.pos)
         if want <= 0:
             return b""
-        try:
-            chunk = await self._in_thread(self._read, want)
-        except OSError as exc:  # EIO and the like: the request fails, cleanly
-            raise error_from_os(exc, self.shown) from None
+        chunk = await self._in_thread(self._read, want)
         if len(chunk) < want:
             raise self._changed()
         self.pos += len(chunk)
@@ -276,19 +279,13 @@ class PartialFile(_ThreadedFile):
             self.hasher = new_hasher()
         else:
             raise TransferError(ErrorCode.BAD_REQUEST, f"cannot continue at offset {offset}")
-        try:
-            # In a thread: cutting a stale partial file of gigabytes frees
-            # its blocks, which can take seconds (ext4).
-            await self._in_thread(os.ftruncate, self.fd, offset)
-        except OSError as exc:
-            raise error_from_os(exc, self.shown) from None
+        # In a thread: cutting a stale partial file of gigabytes frees
+        # its blocks, which can take seconds (ext4).
+        await self._in_thread(os.ftruncate, self.fd, offset)
         self.pos = offset
 
     async def write(self, data: bytes | bytearray) -> None:
-        try:
-            await self._in_thread(self._write, data)
-        except OSError as exc:
-            raise error_from_os(exc, self.shown) from None
+        await self._in_thread(self._write, data)
 
     def _write(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
@@ -314,9 +311,9 @@ class PartialFile(_ThreadedFile):
             )
         try:
             await self._in_thread(self._commit, mode, mtime_ns)
-        except OSError as exc:
+        except TransferError:
             self.discard()
-            raise error_from_os(exc, self.shown) from None
+            raise
 
     def _commit(self, mode: int, mtime_ns: int | None) -> None:
         os.fchmod(self.fd, mode)
@@ -422,10 +419,7 @@ class StreamSink(_ThreadedFile):
             raise TransferError(ErrorCode.BAD_REQUEST, f"cannot continue at offset {offset}")
 
     async def write(self, data: bytes | bytearray) -> None:
-        try:
-            await self._in_thread(self._write, data)
-        except OSError as exc:
-            raise error_from_os(exc, self.shown) from None
+        await self._in_thread(self._write, data)
 
     def _write(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
@@ -448,10 +442,7 @@ class StreamSink(_ThreadedFile):
                 "to it all the same (not a regular file)",
             )
         if self._block_device:
-            try:
-                await self._in_thread(os.fsync, self.fd)
-            except OSError as exc:
-                raise error_from_os(exc, self.shown) from None
+            await self._in_thread(os.fsync, self.fd)
 
     def discard(self) -> None:
         self.close()
