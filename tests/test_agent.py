@@ -1202,6 +1202,7 @@ def test_two_agents_cannot_share_a_port(tmp_path: Path, tether_cli: type[Cli]) -
     with running_agent(tmp_path, "--port", str(port), name="first") as first:
         token_file = tmp_path / "token"
         token_file.write_text(first.token)
+        token_file.chmod(0o600)  # a secret: the agent refuses one others may read
         second = subprocess.run(
             [
                 *(sys.executable, "-m", "tether", "serve", "--port", str(port)),
