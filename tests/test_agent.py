@@ -878,6 +878,36 @@ def test_sighup_stops_the_agent_and_ends_its_commands(tmp_path: Path) -> None:
     check_clean_log(a)
 
 
+def test_an_agent_started_under_nohup_ignores_sighup(tmp_path: Path) -> None:
+    """`nohup tether serve &`: SIGHUP was ignored when the agent started, and
+    stays so (it stopped the agent)."""
+    state = tmp_path / "state"
+    agent = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "tether", "serve", "--port", "0", "--no-udp"),
+            *("--state-dir", str(state), "--root", str(tmp_path)),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    try:
+        assert agent.stderr is not None
+        deadline = time.monotonic() + 30
+        while b"listening on" not in agent.stderr.readline():
+            assert time.monotonic() < deadline and agent.poll() is None
+        agent.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert agent.poll() is None, "SIGHUP stopped an agent started under nohup"
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+
+
 def test_an_audit_log_that_cannot_be_written_does_not_stop_the_agent(
     tmp_path: Path, tether_cli: type[Cli]
 ) -> None:

@@ -943,6 +943,76 @@ def test_cp_get_writes_into_a_device_or_fifo_and_never_replaces_it(
     assert partials(tmp_path) == []
 
 
+@pytest.mark.parametrize(("reader", "how"), [(False, "SIGINT"), (True, "SIGTERM")])
+def test_cp_get_into_a_fifo_nobody_reads_can_be_interrupted(
+    agent: Agent, tmp_path: Path, reader: bool, how: str
+) -> None:
+    """A FIFO whose reader never comes, or never reads: Ctrl-C or SIGTERM ends
+    the copy at once. A thread stuck opening or writing the FIFO kept the
+    process from exiting: only SIGKILL ended it."""
+    write_random(agent.root / "big", 8 * MiB)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    idle_reader = None
+    if reader:  # holds the FIFO open for reading, reads nothing
+        idle_reader = subprocess.Popen(
+            ["sh", "-c", f"exec sleep 60 < '{fifo}'"], stdin=subprocess.DEVNULL
+        )
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "tether", "cp", f"{agent.host}:big", str(fifo)],
+        env=agent.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        time.sleep(2.0)  # connected, and stuck on the FIFO
+        assert cli.poll() is None
+        sent = time.monotonic()
+        cli.send_signal(getattr(signal, how))
+        code = cli.wait(10)
+        assert time.monotonic() - sent < 3.0
+        assert code == (130 if how == "SIGINT" else -signal.SIGTERM)
+    finally:
+        for proc in (cli, idle_reader):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_cp_get_to_a_link_writes_its_target(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    """As scp: a link at DEST names where the file goes, and stays a link;
+    a link to /dev/stdout with stdout a file fills that file. The link was
+    replaced by the file, and the output file stayed empty."""
+    (agent.root / "f").write_bytes(b"the remote file\n")
+    target = tmp_path / "target"
+    target.write_bytes(b"old")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert_silent_success(tether_cli.run(["cp", f"{agent.host}:f", str(link)], env=agent.env))
+    assert os.readlink(link) == str(target)
+    assert target.read_bytes() == b"the remote file\n"
+    stdout_link = tmp_path / "stdout"
+    stdout_link.symlink_to("/proc/self/fd/1")
+    with open(tmp_path / "out.txt", "wb") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tether", "cp", f"{agent.host}:f", str(stdout_link)],
+            env=agent.env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.txt").read_bytes() == b"the remote file\n"
+    assert os.readlink(stdout_link) == "/proc/self/fd/1"
+    assert partials(tmp_path) == []
+
+
 def test_cp_put_onto_a_fifo_on_the_agent_is_refused(
     agent: Agent, tether_cli: type[Cli], tmp_path: Path
 ) -> None:

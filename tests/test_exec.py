@@ -661,6 +661,26 @@ async def test_api_timeout_sets_timed_out(agent: Agent) -> None:
     assert quick.exit == ExitStatus(0)
 
 
+async def test_a_timeout_after_the_exit_loses_no_output_held_back(agent: Agent) -> None:
+    """B exits in time, its last line still in its pipe because flow control
+    holds the connection's output back (A floods it, unread); then B's timeout
+    runs out. B's output must arrive whole, with its own status: the timeout
+    cut its pipes then and the line was lost."""
+    async with connect(agent) as conn:
+        b = await conn.exec(shell="sleep 1; echo hello from b; exit 3", timeout=1.5)
+        a = await conn.exec(["head", "-c", "60000000", "/dev/zero"])
+        await asyncio.sleep(3.0)  # nothing read: every buffer on the way fills
+        got = 0
+        async for chunk in a:
+            got += len(chunk.data)
+        assert got == 60_000_000
+        out = b""
+        async for chunk in b:
+            out += chunk.data
+    assert out == b"hello from b\n"
+    assert b.exit_status == ExitStatus(3)
+
+
 @pytest.mark.parametrize("unbuffered", ["", "1"])
 def test_cli_output_is_complete_on_a_non_blocking_stdout(agent: Agent, unbuffered: str) -> None:
     """A stdout left non-blocking by whoever started the CLI, read late: every
@@ -886,6 +906,56 @@ def test_cli_stopped_while_stdin_waits_unread_leaves_nothing_running(
         assert survivors(pids) == []
     finally:
         kill_leftovers(pids)
+
+
+def test_cli_sigterm_while_its_output_is_blocked_ends_it_at_once(agent: Agent) -> None:
+    """Whoever reads the CLI's stdout has stopped reading: a SIGTERM must
+    still end it at once (the loop, blocked writing, could not run the
+    clean-up: it hung until the reader read again)."""
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether", "exec", agent.host, "--", "yes"],
+            env=agent.env,
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(write_end)
+        write_end = -1
+        time.sleep(2.0)  # the pipe is full long before: the CLI is blocked writing
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert code == -signal.SIGTERM
+        assert time.monotonic() - sent < 3.0
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_cli_under_nohup_keeps_going_on_sighup(agent: Agent) -> None:
+    """SIGHUP ignored when the CLI starts (nohup) stays ignored: the copy or
+    command goes on when the terminal closes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether", "exec", agent.host, "--shell", "sleep 1; echo done"],
+        env=agent.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out == b"done\n"
 
 
 async def test_api_close_with_stdin_waiting_unread_is_prompt(agent: Agent) -> None:

@@ -24,13 +24,19 @@ CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\udc80-\udc9f]")
         ("bytes\udc9b\udcff", "bytes\\x9b\udcff"),  # a non-UTF-8 name's 0x9b, 0xff
         ("naïve ünïcode ✓", "naïve ünïcode ✓"),
         ("[red]", "[red]"),
-        # A name holding a backslash and "x0a" is not a name holding a newline.
-        ("new\\x0aline", "new\\\\x0aline"),
-        ("C:\\dir", "C:\\\\dir"),
+        # A message may quote a repr: its backslashes are escapes already.
+        ("bad name 'a\\tb'", "bad name 'a\\tb'"),
     ],
 )
 def test_control_characters_are_escaped(text: str, shown: str) -> None:
     assert printable(text) == shown
+
+
+def test_a_listing_doubles_backslashes() -> None:
+    """In a listing a name holding a backslash and "x0a" must not print like
+    one holding a newline (as ls -b)."""
+    assert printable("new\\x0aline", backslashes=True) == "new\\\\x0aline"
+    assert printable("new\nline", backslashes=True) == "new\\x0aline"
 
 
 # Every category, lone surrogates (PEP 383's undecodable bytes) included.
@@ -49,8 +55,8 @@ def test_no_control_character_survives_and_nothing_is_lost(text: str) -> None:
 
 @given(st.text(st.characters(exclude_categories=())))
 def test_any_text_comes_back_from_what_is_shown(text: str) -> None:
-    """Unambiguous: undoing the escapes gives the text back, backslashes too."""
-    out = printable(text)
+    """Unambiguous in a listing: undoing the escapes gives the name back."""
+    out = printable(text, backslashes=True)
     assert CONTROL.search(out) is None
     undone = re.sub(r"\\\\|\\x([0-9a-f]{2})", lambda m: chr(int(m[1], 16)) if m[1] else "\\", out)
     assert undone == re.sub("[\udc80-\udc9f]", lambda m: chr(ord(m[0]) - 0xDC00), text)

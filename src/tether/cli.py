@@ -81,10 +81,7 @@ def run_main(main: Callable[[], Coroutine[Any, Any, int]], *, teardown: bool = F
     except _Signalled:
         # Cleaned up (requests ended, connections reset): now die of the
         # signal, so that whoever started us sees it as such.
-        import signal
-
-        signal.signal(signalled[0], signal.SIG_DFL)
-        os.kill(os.getpid(), signalled[0])
+        _die_of(signalled[0])
         code = 128 + signalled[0]  # not reached while the signal is deliverable
     except tether.UsageError as exc:
         fail(str(exc), 2)
@@ -105,26 +102,52 @@ class _Signalled(Exception):
     """The main task was cancelled by SIGTERM or SIGHUP."""
 
 
+SIGNAL_CLEANUP = 2.0  # seconds the clean-up after SIGTERM or SIGHUP may take before we just die
+_writing = False  # set while _write_all may block: a signal then cannot wait for the loop
+
+
+def _die_of(signum: int) -> None:
+    import signal
+
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 async def _cancelled_by_signals(main: Coroutine[Any, Any, int], signalled: list[int]) -> int:
     """Run ``main``; SIGTERM and SIGHUP cancel it as Ctrl-C does, so that
     its clean-up runs: killed outright, the process would leave a command
     that is not reading its stdin running on the agent (our end of the
     connection would go on sending the queued stdin before its end, and the
-    agent, not reading it, would never learn that we are gone)."""
+    agent, not reading it, would never learn that we are gone).
+
+    The clean-up gets SIGNAL_CLEANUP seconds; a second signal, or one that
+    comes while our output is blocked on a reader that does not read (the
+    loop cannot run), ends the process at once, as the default action would.
+    A signal ignored when we started (``nohup``) stays ignored.
+    """
     import asyncio
     import signal
+    import threading
 
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
 
-    def stop(signum: int) -> None:
-        if not signalled:
-            signalled.append(signum)
-            task.cancel()
+    def on_signal(signum: int, frame: object) -> None:
+        # A Python-level handler, not loop.add_signal_handler: it runs even
+        # while the loop is blocked in a write.
+        if signalled or _writing:
+            _die_of(signum)
+            return
+        signalled.append(signum)
+        timer = threading.Timer(SIGNAL_CLEANUP, _die_of, (signum,))
+        timer.daemon = True
+        timer.start()
+        loop.call_soon_threadsafe(task.cancel)
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(signum, stop, signum)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, on_signal)
     try:
         code = await main
     except asyncio.CancelledError:
@@ -395,12 +418,17 @@ def _write_all(fd: int, data: bytes) -> None:
     EAGAIN waits until the reader has made room, as ssh does."""
     import select
 
+    global _writing
     view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            select.select([], [fd], [])
+    _writing = True
+    try:
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                select.select([], [fd], [])
+    finally:
+        _writing = False
 
 
 def _silence_stdout() -> None:
@@ -736,7 +764,7 @@ async def _ls(remote: tether.RemotePath, as_json: bool, connect: dict[str, Any])
         if e.target is not None:
             name += f" -> {e.target}"
         # One line per entry whatever the name holds (--json gives it exactly).
-        _write_line(f"{mode} {e.size:>12} {when} {printable(name)}")
+        _write_line(f"{mode} {e.size:>12} {when} {printable(name, backslashes=True)}")
     return 0
 
 

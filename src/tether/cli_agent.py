@@ -314,7 +314,8 @@ async def _serve(config: tether.ServerConfig) -> int:
     # sessions of their own, which that hangup never reaches; killed by it,
     # the agent would leave them running with nobody to end them.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, server.stop)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup tether serve` ignores SIGHUP
+            loop.add_signal_handler(sig, server.stop)
     await server.serve()
     try:
         click.echo("tether: stopped", err=True)

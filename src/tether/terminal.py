@@ -16,16 +16,19 @@ __all__ = ["printable"]
 
 # C0 controls, DEL and C1 controls; and the same C1 range as the lone
 # surrogates (PEP 383) that stand for bytes 0x80-0x9f of a name that is not
-# UTF-8, which a terminal in an 8-bit mode takes as controls too. And the
-# backslash itself, so that an escape cannot be mistaken for a name that
-# holds those four characters (as ls -b does).
-_CONTROL = re.compile("[\\\\\x00-\x1f\x7f-\x9f\udc80-\udc9f]")
+# UTF-8, which a terminal in an 8-bit mode takes as controls too.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\udc80-\udc9f]")
+# The same and the backslash itself, for a listing: an escape must not be
+# mistaken for a name that holds those four characters (as ls -b does).
+_CONTROL_OR_BACKSLASH = re.compile("[\\\\\x00-\x1f\x7f-\x9f\udc80-\udc9f]")
 
 
-def printable(text: str) -> str:
+def printable(text: str, *, backslashes: bool = False) -> str:
     """``text`` with every control character written as its escape
-    (``\\x1b``), and each backslash doubled."""
-    return _CONTROL.sub(_escape, text)
+    (``\\x1b``); with ``backslashes``, each backslash doubled too, so that
+    the escapes can be undone (a listing; not a message, which may quote a
+    ``repr`` whose backslashes are escapes already)."""
+    return (_CONTROL_OR_BACKSLASH if backslashes else _CONTROL).sub(_escape, text)
 
 
 def _escape(match: re.Match[str]) -> str:

@@ -266,10 +266,10 @@ class ExecRunner:
 
     def _on_timeout(self) -> None:
         if self._exited.done():
-            # It exited in time, by itself: its status stands and the rest of
-            # its group is left alone (§4.4); only the wait for output held
-            # open by a background process ends here.
-            self._close_output()
+            # It exited in time, by itself: its status stands, the rest of its
+            # group is left alone, and the output still to come is the output
+            # grace's to end (§4.4), never cut here (the pipes may hold what
+            # flow control held back).
             return
         self.timed_out = True
         self._start_terminating()

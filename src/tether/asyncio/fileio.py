@@ -384,10 +384,18 @@ def is_stream(path: str) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
+FIFO_RETRY = 0.1  # seconds between tries to open a FIFO that nobody reads yet
+
+
 class StreamSink(_ThreadedFile):
     """A FIFO or device a download writes into, in order, with nothing kept
     aside: no partial file to resume, nothing to rename, chmod or date, and a
-    digest that does not match can only be reported after the bytes went in."""
+    digest that does not match can only be reported after the bytes went in.
+
+    Opened non-blocking and written from the loop, waiting for room as a
+    socket is: a FIFO whose reader never comes or never reads must not hold
+    a thread that Ctrl-C cannot stop (the process could not exit).
+    """
 
     def __init__(self, fd: int, shown: str) -> None:
         self.fd = fd
@@ -399,17 +407,15 @@ class StreamSink(_ThreadedFile):
     @classmethod
     async def open(cls, path: str, shown: str) -> StreamSink:
         """Open ``path`` for writing; a FIFO waits for a reader, as with scp."""
-        opening = asyncio.get_running_loop().run_in_executor(
-            None, os.open, path, os.O_WRONLY | os.O_CLOEXEC
-        )
-        try:
-            fd = await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            opening.add_done_callback(_close_late_open)  # the FIFO's reader may come later
-            raise
-        except OSError as exc:
-            raise error_from_os(exc, shown) from None
-        return cls(fd, shown)
+        while True:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: a FIFO nobody reads yet
+                    raise error_from_os(exc, shown) from None
+                await asyncio.sleep(FIFO_RETRY)
+            else:
+                return cls(fd, shown)
 
     async def prefix(self, size: int | None = None) -> tuple[int, str | None]:
         return 0, None  # nothing kept from an earlier try: always from the start
@@ -419,14 +425,30 @@ class StreamSink(_ThreadedFile):
             raise TransferError(ErrorCode.BAD_REQUEST, f"cannot continue at offset {offset}")
 
     async def write(self, data: bytes | bytearray) -> None:
-        await self._in_thread(self._write, data)
-
-    def _write(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(self.fd, view) :]
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                await self._writable()
+            except OSError as exc:  # EPIPE: the reader went away; ENOSPC...
+                raise error_from_os(exc, self.shown) from None
         self.pos += len(data)
         self.hasher.update(data)
+
+    async def _writable(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_writer(self.fd, wake)
+        try:
+            await ready
+        finally:
+            loop.remove_writer(self.fd)
 
     async def commit(self, size: int, digest: str, mode: int, mtime_ns: int | None) -> None:
         """Check what was written; a block device's writes are flushed first.
@@ -446,11 +468,6 @@ class StreamSink(_ThreadedFile):
 
     def discard(self) -> None:
         self.close()
-
-
-def _close_late_open(opening: asyncio.Future[int]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        os.close(opening.result())
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:

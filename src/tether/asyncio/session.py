@@ -118,6 +118,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._notes: dict[int, dict[str, Any]] = {}
         self.closed = False
         self._sending: asyncio.Semaphore | None = None  # made by the first get or list
+        self._peer_watch: asyncio.TimerHandle | None = None  # while input is held
 
     # asyncio.Protocol ---------------------------------------------------------
 
@@ -200,12 +201,17 @@ class ServerConnection(asyncio.BufferedProtocol):
         """Stop reading from the client until ``release_input(key)``."""
         if not self._input_holders and self.transport is not None and not self.closed:
             self.transport.pause_reading()
-            asyncio.get_running_loop().call_later(PEER_WATCH, self._watch_peer)
+            if self._peer_watch is None:
+                self._peer_watch = asyncio.get_running_loop().call_later(
+                    PEER_WATCH, self._watch_peer
+                )
         self._input_holders[key] = None
 
     def _watch_peer(self) -> None:
         # Not reading, we would not see the client go (its reset, or the end
         # of its stream): a command would run on for nobody. Look, while held.
+        # One look at a time per connection, however often input is held.
+        self._peer_watch = None
         if self.closed or not self._input_holders:
             return
         if self._peer_gone():
@@ -213,7 +219,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             if self.transport is not None:
                 self.transport.abort()
             return
-        asyncio.get_running_loop().call_later(PEER_WATCH, self._watch_peer)
+        self._peer_watch = asyncio.get_running_loop().call_later(PEER_WATCH, self._watch_peer)
 
     def release_input(self, key: object) -> None:
         if key not in self._input_holders:

@@ -181,12 +181,18 @@ async def get_file(
 ) -> TransferResult:
     """Download ``remote`` to ``local``: a partial file renamed into place once
     verified; or, if ``local`` is a FIFO or device and ``into_streams``, into it
-    (a tree copy refuses those: a FIFO nobody reads would wait for ever)."""
+    (a tree copy refuses those: a FIFO nobody reads would wait for ever).
+
+    With ``into_streams`` (a copy of one file, as scp), a symlink at ``local``
+    names where the file goes: its target is written, the link stays (a link
+    to /dev/stdout with stdout a file: that file). A tree copy replaces links.
+    """
     partial: PartialFile | StreamSink
-    if into_streams and is_stream(local):
+    if into_streams and is_stream(local):  # through a link too: stat follows it
         partial = await StreamSink.open(local, local)
     else:
-        partial = PartialFile(local, local, resume=resume)
+        target = os.path.realpath(local) if into_streams and os.path.islink(local) else local
+        partial = PartialFile(target, local, resume=resume)
     keep = False
     request_id: int | None = None
     try:
