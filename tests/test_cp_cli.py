@@ -1013,6 +1013,52 @@ def test_cp_get_to_a_link_writes_its_target(
     assert partials(tmp_path) == []
 
 
+def test_cp_get_to_odd_destinations_fails_clearly_or_writes_through(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """A device with no driver fails at once (it was waited on for ever, as
+    a FIFO with no reader); a link loop is refused, not replaced; a link to
+    /proc/self/fd/1 writes into whatever stdout is, a deleted file included
+    (a file named "out (deleted)" was made instead)."""
+    (agent.root / "f").write_bytes(b"remote bytes\n")
+    here = tmp_path / "here"
+    here.mkdir()
+    nodrv = here / "nodrv"
+    os.mknod(nodrv, 0o666 | stat.S_IFCHR, os.makedev(240, 77))  # no driver there
+    proc = run_cli(["cp", f"{agent.host}:f", nodrv], env=agent.env, timeout=20)
+    assert_one_line_error(proc, 1, "nodrv", "No such device")
+    loop = here / "loop"
+    loop.symlink_to("loop")
+    proc = run_cli(["cp", f"{agent.host}:f", loop], env=agent.env, timeout=20)
+    assert_one_line_error(proc, 1, "loop", "symbolic links")
+    assert os.readlink(loop) == "loop"
+    link = here / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    out = here / "out"
+    script = f'exec > "{out}"; rm "{out}"; exec "$@"'
+    proc = subprocess.run(
+        [
+            "sh",
+            "-c",
+            script,
+            "sh",
+            sys.executable,
+            "-m",
+            "tether",
+            "cp",
+            f"{agent.host}:f",
+            str(link),
+        ],
+        env=agent.env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in here.iterdir()) == ["loop", "nodrv", "stdout"]
+    assert partials(here) == []
+
+
 def test_cp_put_onto_a_fifo_on_the_agent_is_refused(
     agent: Agent, tether_cli: type[Cli], tmp_path: Path
 ) -> None:

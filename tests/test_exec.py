@@ -940,6 +940,104 @@ def test_cli_sigterm_while_its_output_is_blocked_ends_it_at_once(agent: Agent) -
                 os.close(fd)
 
 
+def test_cli_ctrl_c_while_its_output_is_blocked_ends_it_at_once(agent: Agent) -> None:
+    """Ctrl-C with the CLI blocked writing to a reader that does not read:
+    130 at once (a first Ctrl-C did nothing: the loop could not run)."""
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether", "exec", agent.host, "--", "yes"],
+            env=agent.env,
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_default_sigint,
+        )
+        os.close(write_end)
+        write_end = -1
+        time.sleep(2.0)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert code == 130
+        assert time.monotonic() - sent < 3.0
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_cli_sigterm_ends_it_even_when_its_clean_up_cannot(tmp_path: Path) -> None:
+    """The agent is frozen (SIGSTOP): the clean-up after a SIGTERM cannot
+    finish, and the CLI dies of the signal SIGNAL_CLEANUP (2 s) later. Its
+    fallback raised in a thread instead and the CLI lived on."""
+    frozen = start_agent(tmp_path, name="frozen")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether", "exec", frozen.host, "--shell", "echo up; sleep 30"],
+            env=frozen.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert LineReader(proc.stdout).readline() == b"up\n"
+            frozen.proc.send_signal(signal.SIGSTOP)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(15)
+            took = time.monotonic() - sent
+            assert proc.stderr is not None
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert code == -signal.SIGTERM, err
+        assert b"Traceback" not in err and b"Exception" not in err, err
+        assert 1.5 < took < 4.0, took
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+        frozen.stop()
+
+
+def test_cli_sigterm_after_its_loop_ended_still_ends_it() -> None:
+    """The CLI has failed (nothing listens) and is blocked writing its one
+    line to a stderr nobody reads: a SIGTERM ends it (its handler, left in
+    place after the loop had closed, raised and it hung on)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x" * 65536)  # the pipe is full before the CLI writes a byte
+    try:
+        os.set_blocking(write_end, True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether", "echo", "127.0.0.1:1", "hi"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+        )
+        os.close(write_end)
+        write_end = -1
+        time.sleep(2.0)  # failed by now, stuck on its error message
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert code == -signal.SIGTERM
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+
+
 def test_cli_under_nohup_keeps_going_on_sighup(agent: Agent) -> None:
     """SIGHUP ignored when the CLI starts (nohup) stays ignored: the copy or
     command goes on when the terminal closes."""

@@ -19,6 +19,7 @@ import click
 
 if TYPE_CHECKING:
     import asyncio
+    from types import FrameType
 
     import tether
 
@@ -133,26 +134,48 @@ async def _cancelled_by_signals(main: Coroutine[Any, Any, int], signalled: list[
     task = asyncio.current_task()
     assert task is not None
 
-    def on_signal(signum: int, frame: object) -> None:
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         # A Python-level handler, not loop.add_signal_handler: it runs even
         # while the loop is blocked in a write.
-        if signalled or _writing:
+        if signalled or _writing or loop.is_closed():
             _die_of(signum)
             return
         signalled.append(signum)
-        timer = threading.Timer(SIGNAL_CLEANUP, _die_of, (signum,))
+        # The same signal again, to the main thread, if the clean-up overruns:
+        # it interrupts whatever blocks there, and this handler then ends it.
+        timer = threading.Timer(SIGNAL_CLEANUP, signal.pthread_kill, (main_thread, signum))
         timer.daemon = True
         timer.start()
         loop.call_soon_threadsafe(task.cancel)
 
+    runners_sigint = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        # Ctrl-C while our output is blocked: the loop cannot run the
+        # clean-up asyncio's handler asks for; leave as Ctrl-C leaves.
+        if _writing:
+            os._exit(130)
+        if callable(runners_sigint):
+            runners_sigint(signum, frame)
+
+    previous = {}
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, on_signal)
+            previous[signum] = signal.signal(signum, on_signal)
+    if callable(runners_sigint):  # asyncio.Runner's, which cancels the main task
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
     try:
         code = await main
     except asyncio.CancelledError:
         if not signalled:
             raise
+    finally:
+        if not signalled:  # after the loop, a signal takes its usual course
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     if signalled:  # also when the command's own clean-up swallowed the cancellation
         raise _Signalled
     return code

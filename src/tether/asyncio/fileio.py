@@ -375,13 +375,36 @@ class PartialFile(_ThreadedFile):
 
 
 def is_stream(path: str) -> bool:
-    """Whether ``path`` is, or links to, a FIFO or a device: a download writes
-    into it as it comes (``tether cp HOST:FILE /dev/null``), as scp does."""
+    """Whether ``path`` is, or links to, a FIFO or a device, or is a link into
+    /proc (``/dev/stdout``: a process's open file): a download writes into it
+    as it comes (``tether cp HOST:FILE /dev/null``), as scp does."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
+        return os.path.islink(path) and _into_proc(path)  # a socket, a deleted file
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return True
+    return os.path.islink(path) and _into_proc(path)
+
+
+def _into_proc(link: str) -> bool:
+    # /dev/stdout -> /proc/self/fd/1: its realpath is whatever fd 1 is open
+    # on, "pipe:[123]", "/tmp/out (deleted)"..., not a name to write to.
+    target = link
+    for _ in range(40):  # as the kernel's limit on links followed
+        if not os.path.islink(target):
+            return False
+        target = os.path.join(os.path.dirname(target), os.readlink(target))
+        if os.path.normpath(target).startswith("/proc/"):
+            return True
+    return False
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
         return False
-    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
 FIFO_RETRY = 0.1  # seconds between tries to open a FIFO that nobody reads yet
@@ -411,11 +434,17 @@ class StreamSink(_ThreadedFile):
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             except OSError as exc:
-                if exc.errno != errno.ENXIO:  # ENXIO: a FIFO nobody reads yet
+                # ENXIO is a FIFO nobody reads yet; for a device, no driver.
+                if exc.errno != errno.ENXIO or not _is_fifo(path):
                     raise error_from_os(exc, shown) from None
                 await asyncio.sleep(FIFO_RETRY)
             else:
-                return cls(fd, shown)
+                break
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            # Reached through /proc/self/fd/N (a link like /dev/stdout): the
+            # file our stdout goes to. Written from its start, as cp does.
+            os.ftruncate(fd, 0)
+        return cls(fd, shown)
 
     async def prefix(self, size: int | None = None) -> tuple[int, str | None]:
         return 0, None  # nothing kept from an earlier try: always from the start

@@ -191,7 +191,7 @@ async def get_file(
     if into_streams and is_stream(local):  # through a link too: stat follows it
         partial = await StreamSink.open(local, local)
     else:
-        target = os.path.realpath(local) if into_streams and os.path.islink(local) else local
+        target = _link_target(local) if into_streams and os.path.islink(local) else local
         partial = PartialFile(target, local, resume=resume)
     keep = False
     request_id: int | None = None
@@ -244,6 +244,21 @@ async def get_file(
             partial.close()
         else:
             partial.discard()
+
+
+def _link_target(link: str) -> str:
+    """Where the symlink ``link`` leads: an existing file, or the name a
+    dangling link gives. A loop is refused (ELOOP), not replaced.
+
+    Raises:
+        TransferError: the links loop.
+    """
+    try:
+        return os.path.realpath(link, strict=True)
+    except FileNotFoundError:
+        return os.path.realpath(link)  # dangling: the file is made where it points
+    except OSError as exc:
+        raise error_from_os(exc, link) from None
 
 
 def _cancel(conn: Connection, request_id: int, *, keep: bool = False) -> None:
