@@ -440,11 +440,15 @@ class StreamSink(_ThreadedFile):
                 await asyncio.sleep(FIFO_RETRY)
             else:
                 break
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            # Reached through /proc/self/fd/N (a link like /dev/stdout): the
-            # file our stdout goes to. Written from its start, as cp does.
-            os.ftruncate(fd, 0)
-        return cls(fd, shown)
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                # Reached through /proc/self/fd/N (a link like /dev/stdout):
+                # the file our stdout goes to. Written from its start, as cp does.
+                os.ftruncate(fd, 0)
+            return cls(fd, shown)
+        except OSError as exc:
+            os.close(fd)
+            raise error_from_os(exc, shown) from None
 
     async def prefix(self, size: int | None = None) -> tuple[int, str | None]:
         return 0, None  # nothing kept from an earlier try: always from the start

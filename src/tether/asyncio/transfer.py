@@ -184,8 +184,9 @@ async def get_file(
     (a tree copy refuses those: a FIFO nobody reads would wait for ever).
 
     With ``into_streams`` (a copy of one file, as scp), a symlink at ``local``
-    names where the file goes: its target is written, the link stays (a link
-    to /dev/stdout with stdout a file: that file). A tree copy replaces links.
+    names where the file goes: its target is written, the link stays; a link
+    into /proc (/dev/stdout) is written through, whatever it is open on. A
+    tree copy replaces links.
     """
     partial: PartialFile | StreamSink
     if into_streams and is_stream(local):  # through a link too: stat follows it
