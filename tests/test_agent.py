@@ -878,34 +878,44 @@ def test_sighup_stops_the_agent_and_ends_its_commands(tmp_path: Path) -> None:
     check_clean_log(a)
 
 
-def test_an_agent_started_under_nohup_ignores_sighup(tmp_path: Path) -> None:
-    """`nohup tether serve &`: SIGHUP was ignored when the agent started, and
-    stays so (it stopped the agent)."""
-    state = tmp_path / "state"
+@contextlib.contextmanager
+def serving_with_stderr_piped(
+    tmp_path: Path, preexec_fn: Callable[[], object] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``tether serve`` whose stderr is a pipe of ours, once it listens;
+    killed at the end if the test left it running."""
     agent = subprocess.Popen(
         [
             *(sys.executable, "-m", "tether", "serve", "--port", "0", "--no-udp"),
-            *("--state-dir", str(state), "--root", str(tmp_path)),
+            *("--state-dir", str(tmp_path / "state"), "--root", str(tmp_path)),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+        preexec_fn=preexec_fn,
     )
     try:
         assert agent.stderr is not None
         deadline = time.monotonic() + 30
         while b"listening on" not in agent.stderr.readline():
-            assert time.monotonic() < deadline and agent.poll() is None
+            assert time.monotonic() < deadline and agent.poll() is None, "it did not start"
+        yield agent
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+
+
+def test_an_agent_started_under_nohup_ignores_sighup(tmp_path: Path) -> None:
+    """`nohup tether serve &`: SIGHUP was ignored when the agent started, and
+    stays so (it stopped the agent)."""
+    ignore_hup = lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)  # noqa: E731
+    with serving_with_stderr_piped(tmp_path, ignore_hup) as agent:
         agent.send_signal(signal.SIGHUP)
         time.sleep(1.0)
         assert agent.poll() is None, "SIGHUP stopped an agent started under nohup"
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(30) == 0
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
 
 
 def test_an_audit_log_that_cannot_be_written_does_not_stop_the_agent(
@@ -926,28 +936,11 @@ def test_a_clean_stop_exits_0_when_nobody_reads_stderr_any_more(tmp_path: Path) 
     """The reader of the agent's stderr went away (a supervisor's log pipe):
     a SIGTERM stop still exits 0. It exited 141 (EPIPE on "tether: stopped"),
     which a supervisor takes for a failure."""
-    state = tmp_path / "state"
-    agent = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "tether", "serve", "--port", "0", "--no-udp"),
-            *("--state-dir", str(state), "--root", str(tmp_path)),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with serving_with_stderr_piped(tmp_path) as agent:
         assert agent.stderr is not None
-        deadline = time.monotonic() + 30
-        while b"listening on" not in agent.stderr.readline():
-            assert time.monotonic() < deadline and agent.poll() is None
         agent.stderr.close()  # the reader is gone
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(30) == 0
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
 
 
 def resident_mib(pid: int) -> float:

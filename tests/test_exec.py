@@ -908,64 +908,31 @@ def test_cli_stopped_while_stdin_waits_unread_leaves_nothing_running(
         kill_leftovers(pids)
 
 
-def test_cli_sigterm_while_its_output_is_blocked_ends_it_at_once(agent: Agent) -> None:
-    """Whoever reads the CLI's stdout has stopped reading: a SIGTERM must
-    still end it at once (the loop, blocked writing, could not run the
-    clean-up: it hung until the reader read again)."""
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_cli_signalled_while_its_output_is_blocked_ends_at_once(agent: Agent, how: str) -> None:
+    """Whoever reads the CLI's stdout has stopped reading: SIGTERM or Ctrl-C
+    must still end it at once (the loop, blocked writing, could not run the
+    clean-up: it hung until the reader read again; a first Ctrl-C did
+    nothing)."""
     read_end, write_end = os.pipe()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tether", "exec", agent.host, "--", "yes"],
-            env=agent.env,
-            stdin=subprocess.DEVNULL,
-            stdout=write_end,
-            stderr=subprocess.DEVNULL,
-        )
-        os.close(write_end)
-        write_end = -1
-        time.sleep(2.0)  # the pipe is full long before: the CLI is blocked writing
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert code == -signal.SIGTERM
-        assert time.monotonic() - sent < 3.0
-    finally:
-        for fd in (read_end, write_end):
-            if fd >= 0:
-                os.close(fd)
-
-
-def test_cli_ctrl_c_while_its_output_is_blocked_ends_it_at_once(agent: Agent) -> None:
-    """Ctrl-C with the CLI blocked writing to a reader that does not read:
-    130 at once (a first Ctrl-C did nothing: the loop could not run)."""
-    read_end, write_end = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tether", "exec", agent.host, "--", "yes"],
-            env=agent.env,
-            stdin=subprocess.DEVNULL,
-            stdout=write_end,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_default_sigint,
-        )
-        os.close(write_end)
-        write_end = -1
-        time.sleep(2.0)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert code == 130
-        assert time.monotonic() - sent < 3.0
+        with reaped(
+            subprocess.Popen(
+                [sys.executable, "-m", "tether", "exec", agent.host, "--", "yes"],
+                env=agent.env,
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=_default_sigint,
+            )
+        ) as proc:
+            os.close(write_end)
+            write_end = -1
+            time.sleep(2.0)  # the pipe is full long before: the CLI is blocked writing
+            sent = time.monotonic()
+            proc.send_signal(getattr(signal, how))
+            assert proc.wait(10) == (130 if how == "SIGINT" else -signal.SIGTERM)
+            assert time.monotonic() - sent < 3.0
     finally:
         for fd in (read_end, write_end):
             if fd >= 0:
@@ -1014,24 +981,20 @@ def test_cli_sigterm_after_its_loop_ended_still_ends_it() -> None:
     os.write(write_end, b"x" * 65536)  # the pipe is full before the CLI writes a byte
     try:
         os.set_blocking(write_end, True)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tether", "echo", "127.0.0.1:1", "hi"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=write_end,
-        )
-        os.close(write_end)
-        write_end = -1
-        time.sleep(2.0)  # failed by now, stuck on its error message
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert code == -signal.SIGTERM
+        with reaped(
+            subprocess.Popen(
+                [sys.executable, "-m", "tether", "echo", "127.0.0.1:1", "hi"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=write_end,
+            )
+        ) as proc:
+            os.close(write_end)
+            write_end = -1
+            time.sleep(2.0)  # failed by now, stuck on its error message
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == -signal.SIGTERM
     finally:
         for fd in (read_end, write_end):
             if fd >= 0:
