@@ -954,6 +954,9 @@ def test_cli_sigterm_ends_it_even_when_its_clean_up_cannot(tmp_path: Path) -> No
         )
         try:
             assert LineReader(proc.stdout).readline() == b"up\n"
+            # Out of its write of that line: a signal during a write of its
+            # output ends it at once (the write might block), as it should.
+            time.sleep(0.5)
             frozen.proc.send_signal(signal.SIGSTOP)
             sent = time.monotonic()
             proc.send_signal(signal.SIGTERM)
