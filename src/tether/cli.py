@@ -189,7 +189,7 @@ def _local_failure(exc: OSError, what: str | None = None) -> int:
     by SIGPIPE. Anything else (ENOSPC on a full disk or /dev/full): 255.
     Later writes to stdout go to /dev/null, so the exit does not fail on them.
     """
-    _silence_stdout()
+    silence(sys.stdout.fileno())
     if isinstance(exc, BrokenPipeError):
         return EXIT_SIGPIPE
     where = what or exc.filename
@@ -454,9 +454,12 @@ def _write_all(fd: int, data: bytes) -> None:
         _writing = False
 
 
-def _silence_stdout() -> None:
+def silence(fd: int) -> None:
+    """Point ``fd`` at /dev/null: its reader is gone, and later writes (the
+    interpreter's last flush among them) must not fail on it."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 async def _forward_stdin(proc: tether.RemoteProcess) -> None:

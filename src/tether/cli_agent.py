@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import Seconds, fail, run_main
+from .cli import Seconds, fail, run_main, silence
 
 if TYPE_CHECKING:
     import ssl
@@ -322,7 +322,5 @@ async def _serve(config: tether.ServerConfig) -> int:
     except OSError:
         # Whoever read our stderr is gone (EPIPE): the stop itself went well,
         # so exit 0 all the same, and let nothing else try to write there.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
+        silence(2)
     return 0

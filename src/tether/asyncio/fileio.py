@@ -380,11 +380,9 @@ def is_stream(path: str) -> bool:
     as it comes (``tether cp HOST:FILE /dev/null``), as scp does."""
     try:
         mode = os.stat(path).st_mode
-    except OSError:
-        return os.path.islink(path) and _into_proc(path)  # a socket, a deleted file
-    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return True
-    return os.path.islink(path) and _into_proc(path)
+    except OSError:  # dangling; or /proc/self/fd/1 on a socket or a deleted file
+        mode = 0
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or _into_proc(path)
 
 
 def _into_proc(link: str) -> bool:
