@@ -880,14 +880,14 @@ def test_sighup_stops_the_agent_and_ends_its_commands(tmp_path: Path) -> None:
 
 @contextlib.contextmanager
 def serving_with_stderr_piped(
-    tmp_path: Path, preexec_fn: Callable[[], object] | None = None
+    tmp_path: Path, preexec_fn: Callable[[], object] | None = None, *args: str
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``tether serve`` whose stderr is a pipe of ours, once it listens;
+    """``tether serve ARGS`` whose stderr is a pipe of ours, once it listens;
     killed at the end if the test left it running."""
     agent = subprocess.Popen(
         [
             *(sys.executable, "-m", "tether", "serve", "--port", "0", "--no-udp"),
-            *("--state-dir", str(tmp_path / "state"), "--root", str(tmp_path)),
+            *("--state-dir", str(tmp_path / "state"), "--root", str(tmp_path), *args),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -941,6 +941,31 @@ def test_a_clean_stop_exits_0_when_nobody_reads_stderr_any_more(tmp_path: Path) 
         agent.stderr.close()  # the reader is gone
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(30) == 0
+
+
+def test_an_agent_whose_stderr_nobody_reads_goes_on_serving(tmp_path: Path) -> None:
+    """stderr a pipe read only up to "listening on" (a script that wanted the
+    address): 400 connections, each running a command, are all served, and
+    SIGTERM still stops the agent soon, exit 0. The pipe filled after about
+    200 of them and the next log line blocked the event loop: every
+    connection hung, and so did the stop (its "tether: stopped")."""
+    sock = tmp_path / "agent.sock"
+    with serving_with_stderr_piped(tmp_path, None, "--unix", str(sock)) as agent:
+        token = (tmp_path / "state" / "token").read_text().strip()
+
+        async def run() -> None:
+            for _ in range(400):
+                async with asyncio.timeout(10):
+                    async with tether.connect(f"unix:{sock}", token=token) as conn:
+                        assert (await conn.run(["true"])).returncode == 0
+
+        asyncio.run(run())
+        started = time.monotonic()
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+        assert time.monotonic() - started < 15
+        assert agent.stderr is not None
+        assert b"exec" in agent.stderr.read()  # it did log, into the full pipe
 
 
 def resident_mib(pid: int) -> float:

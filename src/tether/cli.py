@@ -189,6 +189,8 @@ def _local_failure(exc: OSError, what: str | None = None) -> int:
     by SIGPIPE. Anything else (ENOSPC on a full disk or /dev/full): 255.
     Later writes to stdout go to /dev/null, so the exit does not fail on them.
     """
+    from .logwriter import silence
+
     silence(sys.stdout.fileno())
     if isinstance(exc, BrokenPipeError):
         return EXIT_SIGPIPE
@@ -439,27 +441,14 @@ def _write_all(fd: int, data: bytes) -> None:
     descriptor left non-blocking by whoever started us returns None for
     EAGAIN: output was lost without a word. Here a short write goes on and
     EAGAIN waits until the reader has made room, as ssh does."""
-    import select
+    from .logwriter import write_fully
 
     global _writing
-    view = memoryview(data)
     _writing = True
     try:
-        while view:
-            try:
-                view = view[os.write(fd, view) :]
-            except BlockingIOError:
-                select.select([], [fd], [])
+        write_fully(fd, data)
     finally:
         _writing = False
-
-
-def silence(fd: int) -> None:
-    """Point ``fd`` at /dev/null: its reader is gone, and later writes (the
-    interpreter's last flush among them) must not fail on it."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
 
 
 async def _forward_stdin(proc: tether.RemoteProcess) -> None:

@@ -13,17 +13,19 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import Seconds, fail, run_main, silence
+from .cli import Seconds, fail, run_main
 
 if TYPE_CHECKING:
     import ssl
     from pathlib import Path
 
     import tether
+    from tether.logwriter import LineHandler
 
 __all__ = ["serve", "token"]
 
 TOKENS_FILE_NAME = "tokens"  # in the state directory, beside the agent's own token
+LOG_FLUSH_TIMEOUT = 2.0  # seconds a stopped agent waits for stderr to take its last lines
 
 
 @click.command()
@@ -173,13 +175,13 @@ def serve(
 
     import tether
     from tether.addresses import check_host_name
+    from tether.logwriter import LineHandler
     from tether.tokens import check_private, read_token_file
 
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # Not written by the event loop: a stderr nobody reads would stop it.
+    log_handler = LineHandler(sys.stderr.fileno())
+    log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=log_level.upper(), handlers=[log_handler])
     if no_tcp and not unix_path:
         fail("--no-tcp needs --unix: there would be nothing to listen on", 2)
     try:
@@ -228,7 +230,7 @@ def serve(
         grace=grace,
         hello_timeout=hello_timeout,
     )
-    run_main(lambda: _serve(config), teardown=True)
+    run_main(lambda: _serve(config, log_handler), teardown=True)
 
 
 @click.group()
@@ -295,7 +297,7 @@ def _agent_tls(state_dir: Path, cert: str | None, key: str | None) -> ssl.SSLCon
     return context
 
 
-async def _serve(config: tether.ServerConfig) -> int:
+async def _serve(config: tether.ServerConfig, log: LineHandler) -> int:
     import asyncio
     import signal
 
@@ -308,7 +310,7 @@ async def _serve(config: tether.ServerConfig) -> int:
         await server.close()
         fail(f"cannot listen: {exc.strerror or exc}")
     for address in server.addresses:
-        click.echo(f"tether: listening on {address}", err=True)
+        log.put_line(f"tether: listening on {address}")
     loop = asyncio.get_running_loop()
     # SIGHUP too (the terminal it ran in closed): its commands run in
     # sessions of their own, which that hangup never reaches; killed by it,
@@ -317,10 +319,8 @@ async def _serve(config: tether.ServerConfig) -> int:
         if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup tether serve` ignores SIGHUP
             loop.add_signal_handler(sig, server.stop)
     await server.serve()
-    try:
-        click.echo("tether: stopped", err=True)
-    except OSError:
-        # Whoever read our stderr is gone (EPIPE): the stop itself went well,
-        # so exit 0 all the same, and let nothing else try to write there.
-        silence(2)
+    # Whoever read our stderr may be gone (EPIPE) or not reading: the stop
+    # itself went well, so exit 0 all the same, without waiting for ever.
+    log.put_line("tether: stopped")
+    log.close(LOG_FLUSH_TIMEOUT)
     return 0

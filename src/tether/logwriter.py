@@ -1,0 +1,140 @@
+"""The agent's log lines, written to stderr by a thread of their own.
+
+Why not ``logging.StreamHandler``: it writes in the thread that logs, and the
+agent logs from its event loop. A stderr that nobody reads (a pipe whose
+reader only wanted the "listening on" line, a paused pager, a stalled log
+collector) then fills after some 64 KiB, and the next log line blocks the
+loop: every connection of the agent froze, after about 200 commands.
+Here the loop only queues the line; a writer thread blocks instead of it,
+and past ``MAX_BACKLOG`` bytes waiting, lines are dropped and counted, and
+the count is said once stderr takes lines again.
+
+Why not ``logging.handlers.QueueHandler``: its queue, bounded, reports a full
+queue through ``handleError``, which prints a traceback to the same stderr,
+synchronously.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import threading
+
+__all__ = ["MAX_BACKLOG", "LineHandler", "silence", "write_fully"]
+
+MAX_BACKLOG = 1024 * 1024  # bytes of log lines kept while stderr is not read
+
+
+def write_fully(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``: a short write goes on, and EAGAIN (a
+    descriptor left non-blocking by whoever started us) waits until the
+    reader has made room instead of losing the rest.
+
+    Raises:
+        OSError: the write failed (EPIPE: the reader is gone; ENOSPC...).
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
+
+
+class LineHandler(logging.Handler):
+    """A logging handler that formats in the caller's thread and never blocks it.
+
+    ``put_line`` queues a line that is not a log record (the agent's
+    "listening on"); ``close`` waits a bounded time for what is queued.
+    """
+
+    def __init__(self, fd: int, max_backlog: int = MAX_BACKLOG) -> None:
+        super().__init__()
+        self._fd = fd
+        self._max_backlog = max_backlog
+        self._lines: collections.deque[bytes] = collections.deque()
+        self._queued = 0  # bytes in _lines
+        self._dropped = 0  # lines dropped since the last that was written
+        self._closing = False
+        self._gone = False  # the reader went away (EPIPE...): nothing more is written
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="tether-log", daemon=True)
+        self._thread.start()
+
+    @property
+    def reader_gone(self) -> bool:
+        """Writing to the descriptor failed: its reader is gone, it is /dev/null now."""
+        return self._gone
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.put_line(self.format(record))
+        except Exception:  # what logging.StreamHandler does with a bad record
+            self.handleError(record)
+
+    def put_line(self, text: str) -> None:
+        """Queue ``text`` and a newline, unless too much is waiting already."""
+        line = (text + "\n").encode("utf-8", "backslashreplace")
+        with self._ready:
+            if self._gone or self._closing:
+                return
+            if self._queued + len(line) > self._max_backlog:
+                self._dropped += 1
+                return
+            self._lines.append(line)
+            self._queued += len(line)
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._lines and not self._dropped and not self._closing:
+                    self._ready.wait()
+                if not self._lines and not self._dropped:
+                    return  # closing, and everything is written
+                lines, self._lines, self._queued = self._lines, collections.deque(), 0
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                lines.append(self._dropped_line(dropped))
+            try:
+                write_fully(self._fd, b"".join(lines))
+            except OSError:
+                with self._ready:
+                    self._gone = True
+                    self._lines.clear()
+                    self._dropped = 0
+                # Later writes (the interpreter's last flush of sys.stderr
+                # among them) must not fail on it either.
+                silence(self._fd)
+                return
+
+    def _dropped_line(self, count: int) -> bytes:
+        record = logging.makeLogRecord(
+            {
+                "name": "tether.log",
+                "levelno": logging.WARNING,
+                "levelname": logging.getLevelName(logging.WARNING),
+                "msg": "%d log lines dropped: stderr was not being read",
+                "args": (count,),
+            }
+        )
+        return (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+
+    def close(self, timeout: float = 0.0) -> None:
+        """Stop taking lines; wait up to ``timeout`` seconds for the queued
+        ones to be written (a stderr nobody reads must not hold the exit)."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        self._thread.join(timeout)
+        super().close()
+
+
+def silence(fd: int) -> None:
+    """Point ``fd`` at /dev/null: its reader is gone, and later writes (the
+    interpreter's last flush among them) must not fail on it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)

@@ -1,0 +1,115 @@
+"""The agent's log handler on real pipes: it never blocks the thread that logs,
+drops and counts what does not fit, and gives up on a reader that is gone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tether.logwriter import LineHandler
+
+LINES = 50_000  # about 550 KB of log: far more than a pipe (64 KiB) and the backlog hold
+BACKLOG = 4096
+
+
+@pytest.fixture
+def logger() -> Iterator[logging.Logger]:
+    log = logging.getLogger("test.logwriter")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    yield log
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+
+
+def attach(log: logging.Logger, fd: int) -> LineHandler:
+    handler = LineHandler(fd, max_backlog=BACKLOG)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    log.addHandler(handler)
+    return handler
+
+
+def test_a_pipe_nobody_reads_drops_lines_and_says_how_many(logger: logging.Logger) -> None:
+    read_end, write_end = os.pipe()
+    handler = attach(logger, write_end)
+    started = time.monotonic()
+    for i in range(LINES):
+        logger.info("line %05d", i)
+    assert time.monotonic() - started < 10, "logging waited for the pipe"
+
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(read_all(read_end)))
+    reader.start()
+    handler.close(30)
+    os.close(write_end)
+    reader.join(30)
+    os.close(read_end)
+
+    text = received.decode()
+    numbers = [int(n) for n in re.findall(r"^test\.logwriter line (\d+)$", text, re.M)]
+    dropped = [int(n) for n in re.findall(r"^tether\.log (\d+) log lines dropped", text, re.M)]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    assert dropped, "no word of the lines dropped"
+    assert len(numbers) + sum(dropped) == LINES
+    assert numbers[0] == 0 and len(numbers) < LINES
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_every_line_arrives_in_order_when_the_pipe_is_read(logger: logging.Logger) -> None:
+    read_end, write_end = os.pipe()
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(read_all(read_end)))
+    reader.start()
+    handler = LineHandler(write_end)  # the agent's backlog: 1 MiB
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    for i in range(LINES):
+        logger.info("%d", i)
+    handler.put_line("tether: stopped")
+    handler.close(30)
+    os.close(write_end)
+    reader.join(30)
+    os.close(read_end)
+    assert received.decode().split("\n") == [*map(str, range(LINES)), "tether: stopped", ""]
+
+
+def test_a_reader_that_went_away_stops_the_writing_quietly(logger: logging.Logger) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    handler = attach(logger, write_end)
+    logger.info("into a pipe without a reader")  # EPIPE in the writer thread, not here
+    deadline = time.monotonic() + 10
+    while not handler.reader_gone:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    logger.info("and on")
+    os.write(write_end, b"later writes do not fail: the descriptor is /dev/null now\n")
+    assert os.stat(write_end).st_rdev == os.stat(os.devnull).st_rdev
+    handler.close(1)
+    os.close(write_end)
+
+
+def test_close_waits_only_so_long_for_a_reader_that_does_not_read(
+    logger: logging.Logger,
+) -> None:
+    read_end, write_end = os.pipe()
+    handler = attach(logger, write_end)
+    for i in range(LINES):
+        logger.info("line %05d", i)
+    started = time.monotonic()
+    handler.close(0.5)
+    assert time.monotonic() - started < 5
+    os.close(read_end)  # the writer thread, blocked on the full pipe, now fails and ends
+    os.close(write_end)
