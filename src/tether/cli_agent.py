@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 __all__ = ["serve", "token"]
 
 TOKENS_FILE_NAME = "tokens"  # in the state directory, beside the agent's own token
-LOG_FLUSH_TIMEOUT = 2.0  # seconds a stopped agent waits for stderr to take its last lines
 
 
 @click.command()
@@ -322,5 +321,5 @@ async def _serve(config: tether.ServerConfig, log: LineHandler) -> int:
     # Whoever read our stderr may be gone (EPIPE) or not reading: the stop
     # itself went well, so exit 0 all the same, without waiting for ever.
     log.put_line("tether: stopped")
-    log.close(LOG_FLUSH_TIMEOUT)
+    log.close()
     return 0

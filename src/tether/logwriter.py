@@ -23,10 +23,11 @@ import select
 import threading
 import time
 
-__all__ = ["MAX_BACKLOG", "LineHandler", "silence", "write_fully"]
+__all__ = ["CLOSE_TIMEOUT", "MAX_BACKLOG", "LineHandler", "silence", "write_fully"]
 
 MAX_BACKLOG = 1024 * 1024  # bytes of log lines kept while stderr is not read
 GATHER = 0.02  # seconds the writer lets lines gather before it writes them
+CLOSE_TIMEOUT = 2.0  # seconds close() waits for stderr to take the last lines
 
 
 def write_fully(fd: int, data: bytes) -> None:
@@ -136,13 +137,15 @@ class LineHandler(logging.Handler):
         )
         return (self.format(record) + "\n").encode("utf-8", "backslashreplace")
 
-    def close(self, timeout: float = 0.0) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Stop taking lines; wait up to ``timeout`` seconds for the queued
-        ones to be written (a stderr nobody reads must not hold the exit)."""
+        ones to be written (a stderr nobody reads must not hold the exit).
+        Called again (``logging.shutdown`` at exit), it does not wait again."""
         with self._ready:
-            self._closing = True
+            first, self._closing = not self._closing, True
             self._ready.notify()
-        self._thread.join(timeout)
+        if first:
+            self._thread.join(timeout)
         super().close()
 
 
