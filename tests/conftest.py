@@ -23,6 +23,7 @@ import pytest
 LISTEN_RE = re.compile(r"listening on (tls|tcp|udp|unix) (\S+)")
 FINGERPRINT_RE = re.compile(r"certificate fingerprint (SHA256:\S+)")
 START_TIMEOUT = 15.0  # seconds for an agent to print its addresses
+LOG_WAIT = 5.0  # seconds to wait for a line to show up in an agent's log
 
 
 @dataclass
@@ -68,6 +69,19 @@ class Agent:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, start: int = 0, timeout: float = LOG_WAIT) -> str:
+        """The log from offset ``start`` on, once that part contains ``text``
+        (the agent's log lines are written by a thread of their own: they
+        may come a moment after the reply). Fails after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()[start:]
+            if text in log:
+                return log
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the agent's log:\n{log}")
+            time.sleep(0.02)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

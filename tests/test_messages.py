@@ -18,13 +18,14 @@ from tether.codec import (
 )
 from tether.exceptions import FrameTooLarge, ProtocolError
 from tether.frames import Frame, FrameDecoder, encode_frame, encode_frame_head
-from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN, Limits
+from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN, STDIN_WINDOW, Limits
 from tether.messages import (
     CLIENT_MESSAGES,
     NO_DEFAULT,
     SERVER_MESSAGES,
     SIGNAL_NAMES,
     Cancel,
+    Credit,
     Data,
     Done,
     Echo,
@@ -85,8 +86,8 @@ CLIENT_SAMPLES: list[Message] = [
 ]
 
 SERVER_SAMPLES: list[Message] = [
-    HelloReply(0, 1, "agent-1", "gbk", MAX_HEADER_LEN, MAX_BODY_LEN),
-    HelloReply(0, 1, "agent-2", "utf-8", MAX_HEADER_LEN, MAX_BODY_LEN, idle_timeout=300.0),
+    HelloReply(0, 1, "agent-1", "gbk", MAX_HEADER_LEN, MAX_BODY_LEN, STDIN_WINDOW),
+    HelloReply(0, 1, "agent-2", "utf-8", MAX_HEADER_LEN, MAX_BODY_LEN, 1, idle_timeout=300.0),
     Stdout(4, b"\xc4\xe3\xba\xc3 GBK bytes \xff\x00"),
     Stdout(4, b""),
     Stderr(4, "警告\n".encode()),
@@ -108,6 +109,8 @@ SERVER_SAMPLES: list[Message] = [
     Data(11, b"file bytes"),
     Done(11, digest="ef" * 32),
     Done(10),
+    Credit(4, 1),
+    Credit(4, STDIN_WINDOW),
 ]
 
 
@@ -137,7 +140,7 @@ def test_op_tables_are_exactly_the_documented_ops() -> None:
     }
     assert set(SERVER_MESSAGES) == {
         *("hello", "stdout", "stderr", "exit", "ok", "error", "stat", "entries", "file"),
-        *("ready", "data", "done"),
+        *("ready", "data", "done", "credit"),
     }
     for table in (CLIENT_MESSAGES, SERVER_MESSAGES):
         for op, cls in table.items():
@@ -356,6 +359,7 @@ REPLY = {
     "encoding": "utf-8",
     "max_header": 1,
     "max_body": 1,
+    "stdin_window": 1,
 }
 
 
@@ -440,7 +444,7 @@ def test_unknown_extra_fields_are_ignored() -> None:
     header = {**EXEC, "pty": True, "future": {"nested": [1, 2]}, "id2": "x", "OP": "echo"}
     assert decode_client_message(Frame(header)) == Exec(1, argv=["true"])
     reply = decode_server_message(Frame({**REPLY, "features": ["tls"], "max_files": 3}))
-    assert reply == HelloReply(0, 1, "s", "utf-8", 1, 1)
+    assert reply == HelloReply(0, 1, "s", "utf-8", 1, 1, 1)
 
 
 def test_a_body_field_in_the_header_does_not_replace_the_body() -> None:
@@ -487,3 +491,19 @@ def test_every_listed_signal_name_decodes() -> None:
     for name in sorted(SIGNAL_NAMES):
         msg = decode_client_message(Frame({"op": "signal", "id": 1, "signal": name}))
         assert msg == Signal(1, name)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"op": "credit", "id": 4, "bytes": 0},
+        {"op": "credit", "id": 4, "bytes": -1},
+        {**REPLY, "stdin_window": 0},
+    ],
+    ids=["credit-0", "credit-negative", "window-0"],
+)
+def test_credits_and_windows_of_no_bytes_are_refused(header: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_server_message(Frame(header))
+    assert info.value.code == ErrorCode.BAD_REQUEST
+    assert "must be > 0" in str(info.value)

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from tether.codec import decode_server_message, to_frame_parts
 from tether.frames import Frame, FrameDecoder, encode_frame
-from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN, PROTOCOL_VERSION, Limits
+from tether.limits import MAX_BODY_LEN, MAX_HEADER_LEN, PROTOCOL_VERSION, STDIN_WINDOW, Limits
 from tether.messages import (
+    Credit,
     Echo,
     Error,
     ErrorCode,
@@ -30,6 +31,7 @@ from tether.messages import (
     Message,
     Ok,
     Signal,
+    Stat,
     Stderr,
     Stdin,
     Stdout,
@@ -48,7 +50,9 @@ from tether.protocol import (
 )
 
 TOKEN = "s3cret"
-REPLY = HelloReply(0, PROTOCOL_VERSION, "test-agent", "utf-8", MAX_HEADER_LEN, MAX_BODY_LEN)
+REPLY = HelloReply(
+    0, PROTOCOL_VERSION, "test-agent", "utf-8", MAX_HEADER_LEN, MAX_BODY_LEN, STDIN_WINDOW
+)
 
 Side = ServerProtocol | ClientProtocol
 
@@ -989,3 +993,70 @@ def test_a_long_request_error_is_cut_to_fit_the_header_limit() -> None:
     assert msg.message.startswith("no such program: 中")
     assert msg.message.endswith("...")
     assert len(msg.message) <= 1024
+
+
+# The stdin window (§4.6) -------------------------------------------------------------
+
+
+def open_server_with_window(window: int) -> ServerProtocol:
+    server = ServerProtocol(Limits(stdin_window=window))
+    feed(server, wire(Hello(0, PROTOCOL_VERSION, TOKEN)))
+    server.accept_hello(REPLY)
+    sent_messages(server)
+    return server
+
+
+def test_stdin_up_to_the_window_is_taken_and_credits_open_it_again() -> None:
+    server = open_server_with_window(10)
+    assert feed(server, wire(Exec(1, argv=["cat"], stdin=True))) == [
+        RequestReceived(Exec(1, argv=["cat"], stdin=True))
+    ]
+    events = feed(server, wire(Stdin(1, b"x" * 6)) + wire(Stdin(1, b"y" * 4)))
+    assert events == [ControlReceived(Stdin(1, b"x" * 6)), ControlReceived(Stdin(1, b"y" * 4))]
+    server.credit_stdin(1, 7)
+    assert sent_messages(server) == [Credit(1, 7)]
+    assert feed(server, wire(Stdin(1, b"z" * 7))) == [ControlReceived(Stdin(1, b"z" * 7))]
+    assert not server.closed
+
+
+def test_stdin_past_the_window_fails_the_connection() -> None:
+    server = open_server_with_window(10)
+    feed(server, wire(Exec(1, argv=["cat"], stdin=True)) + wire(Stdin(1, b"x" * 6)))
+    server.credit_stdin(1, 6)
+    sent_messages(server)
+    events = feed(server, wire(Stdin(1, b"x" * 10)) + wire(Stdin(1, b"!")))
+    assert events[0] == ControlReceived(Stdin(1, b"x" * 10))
+    assert_failed(
+        server,
+        events,
+        ErrorCode.PROTOCOL_ERROR,
+        "stdin of request 1: 11 bytes not credited, over the window of 10",
+    )
+
+
+def test_credits_are_only_for_stdin_received_by_a_running_exec() -> None:
+    server = open_server_with_window(10)
+    feed(server, wire(Exec(1, argv=["cat"], stdin=True)) + wire(Stdin(1, b"abc")))
+    server.credit_stdin(1, 4)  # more than it holds
+    server.credit_stdin(1, 0)
+    server.credit_stdin(2, 1)  # not a request
+    assert sent_messages(server) == []
+    server.finish_request(1, Exit(1, status=0))
+    server.credit_stdin(1, 3)  # ended
+    assert sent_messages(server) == [Exit(1, status=0)]
+
+
+def test_stdin_for_requests_other_than_exec_is_not_counted() -> None:
+    """It is dropped by the agent (§4.3), never credited: no window to fill."""
+    server = open_server_with_window(10)
+    events = feed(server, wire(Stat(3, "f")) + wire(Stdin(3, b"x" * 10)) + wire(Stdin(3, b"x")))
+    assert len(events) == 3 and not server.closed
+
+
+def test_the_client_takes_credit_frames_as_replies() -> None:
+    pair = ConnectionPair()
+    pair.open()
+    pair.server.receive_data(wire(Exec(5, argv=["cat"], stdin=True)) + wire(Stdin(5, b"ab")))
+    pair.server.events_received()
+    pair.server.credit_stdin(5, 2)
+    assert pair.to_client() == [ReplyReceived(Credit(5, 2))]

@@ -142,16 +142,6 @@ def assert_not_created(*markers: Path, settle: float = 0.3) -> None:
         assert not marker.exists(), f"{marker} was created: a command ran"
 
 
-def wait_for_log(a: Agent, text: str, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        log = a.log()
-        if text in log:
-            return log
-        assert time.monotonic() < deadline, f"{text!r} never showed in the agent's log:\n{log}"
-        time.sleep(0.05)
-
-
 # 1. An allow-list by name cannot be met by the request's own PATH ------------------------
 
 
@@ -406,6 +396,7 @@ class EvilAgent:
         if op == "hello":
             hello = {"op": "hello", "id": 0, "version": PROTOCOL_VERSION, "server": "evil"}
             hello |= {"encoding": "UTF-8", "max_header": 65536, "max_body": 16 * MiB}
+            hello["stdin_window"] = 16 * MiB
             return [(hello, b"")]
         if op == "stat":
             kind = "dir" if path in self.listings else "file"
@@ -553,7 +544,7 @@ def test_protocol_error_ends_the_connections_commands(agent: Agent, flood: bool)
             # The socket stays open and unread: the command must end all the same.
             left = group_survivors(pgid)
             assert not left, f"the command outlived its connection's failure: {left}"
-            assert "unknown_op" in wait_for_log(agent, "unknown_op", timeout=5.0)
+            assert "unknown_op" in agent.wait_for_log("unknown_op", timeout=5.0)
         finally:
             kill_group(pgid)
 
@@ -568,11 +559,11 @@ def test_protocol_error_ends_the_connections_commands(agent: Agent, flood: bool)
     [
         # More than the pipe (64 KiB) and the agent's transport buffers hold.
         [b"x" * 300_000, b"y" * 300_000],
-        # More than the agent keeps for a command (16 MiB) before it stops
-        # reading the client: only seeing the pipe close lets it read again.
-        [bytes([i]) * 1024 * 1024 for i in range(40)],
+        # The whole stdin window (16 MiB, §4.6), none of it credited before
+        # the command closes its stdin.
+        [bytes([i]) * 1024 * 1024 for i in range(16)],
     ],
-    ids=["600KB", "40MiB"],
+    ids=["600KB", "16MiB"],
 )
 def test_cancel_honoured_after_the_command_closed_a_full_stdin(
     agent: Agent, pieces: list[bytes]
@@ -602,6 +593,45 @@ def test_cancel_honoured_after_the_command_closed_a_full_stdin(
             assert not group_survivors(pgid, timeout=2.0)
             raw.echo(3, b"again", ANSWER)
         finally:
+            kill_group(pgid)
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_client_with_unread_stdin_leaves_nothing_running(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """`tether exec HOST -- sleep N < 100MiB-file`, the client killed with
+    SIGKILL: the command never reads its stdin, yet it must end with its
+    client. The agent stopped reading the connection past 16 MiB of unread
+    stdin, so the client's end of the stream sat behind data nobody read:
+    the command ran on until the kernel gave up on the orphaned socket
+    (minutes). With the stdin window the client sends no more than the agent
+    keeps, the agent reads on, and sees the end at once."""
+    stdin = tmp_path / "stdin"
+    with stdin.open("wb") as f:
+        f.truncate(100 * MiB)
+    tag = unique_seconds()
+    split = f"exec sleep {tag[:4]}''{tag[4:]}"  # the client's own argv must not hold the tag
+    with stdin.open("rb") as source:
+        client = subprocess.Popen(
+            [sys.executable, "-m", "tether", "exec", agent.host, "--shell", split],
+            env=agent.env,
+            stdin=source,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        pgid = find_group(tag)
+        assert pgid != os.getpgrp()
+        time.sleep(2.0)  # every buffer on the way fills with stdin
+        assert client.poll() is None
+        client.kill()
+        client.wait()
+        assert not group_survivors(pgid), "the command outlived its killed client"
+    finally:
+        client.kill()
+        client.wait()
+        with contextlib.suppress(UnboundLocalError):
             kill_group(pgid)
 
 
@@ -733,7 +763,7 @@ def test_put_cut_off_while_hashing_the_partial_keeps_it(agent: Agent) -> None:
         put = {"op": "put", "id": 1, "path": "big.bin", "size": 2 * size, "resume": True}
         raw.send_frame(put | {"mode": 0o644, "hash": "blake3"})
         time.sleep(0.2)  # the agent is hashing the partial's 320 MiB now
-    wait_for_log(agent, '"op": "put"', timeout=30.0)
+    agent.wait_for_log('"op": "put"', timeout=30.0)
     time.sleep(0.5)
     assert partial.exists(), "the partial of an interrupted resumable put was deleted"
     assert partial.stat().st_size == size

@@ -1005,7 +1005,7 @@ def test_a_tokens_file_made_safe_by_chmod_is_taken_at_once(tmp_path: Path) -> No
         as_bob = {**without_token_env(), "TETHER_TOKEN": bob}
         refused = Cli.run(["echo", a.host, "hi"], env=as_bob)
         assert refused.returncode == 255
-        assert "chmod" in a.log()
+        a.wait_for_log("chmod")
         tokens.chmod(0o600)
         taken = Cli.run(["echo", a.host, "hi"], env=as_bob)
         assert taken.returncode == 0, taken.stderr
@@ -1283,8 +1283,9 @@ async def test_audit_log_of_a_scripted_session(tmp_path: Path) -> None:
         mine = [e["event"] for e in events if e.get("peer") == peer]
         assert mine[0] == "connect" and mine[1] == "auth" and mine[-1] == "disconnect", mine
     # The same lines go to stderr at info level.
-    log = a.log()
-    for line in audit.read_text().splitlines():
+    lines = audit.read_text().splitlines()
+    log = a.wait_for_log(lines[-1])
+    for line in lines:
         assert line in log
     # No secret anywhere: tokens, tokens-file content, env values, the key.
     text = audit.read_text()

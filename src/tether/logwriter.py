@@ -103,20 +103,19 @@ class LineHandler(logging.Handler):
                     self._lines.clear()
                     self._dropped = 0
                 return
+            if not self._closing:
+                # Let the next lines gather: one wake-up of this thread, and
+                # one hand-over of the GIL, per batch instead of per line
+                # under load (per line, a command's log line cost the agent
+                # 5-10% of its exec rate). A line after a quiet spell still
+                # goes out at once.
+                time.sleep(GATHER)
 
     def _next_batch(self) -> bytes | None:
         """What is queued, once there is something; None once closed and written."""
         with self._ready:
             while not self._lines and not self._dropped and not self._closing:
                 self._ready.wait()
-            closing = self._closing
-        if not closing:
-            # Let the lines of the moment gather: one wake-up of this thread,
-            # and one hand-over of the GIL, per batch instead of per line
-            # (per line, a command's log line cost the agent 5-10% of its
-            # exec rate).
-            time.sleep(GATHER)
-        with self._ready:
             if not self._lines and not self._dropped:
                 return None  # closing, and everything is written
             lines, self._lines, self._queued = self._lines, collections.deque(), 0

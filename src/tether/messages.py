@@ -21,6 +21,7 @@ __all__ = [
     "SERVER_MESSAGES",
     "SIGNAL_NAMES",
     "Cancel",
+    "Credit",
     "Data",
     "Done",
     "Echo",
@@ -79,6 +80,7 @@ class Op(StrEnum):
     MKDIR = "mkdir"
     SYMLINK = "symlink"
     SETATTR = "setattr"
+    CREDIT = "credit"
 
 
 class ErrorCode(StrEnum):
@@ -299,7 +301,22 @@ class HelloReply(Message):
     encoding: str
     max_header: int
     max_body: int
+    stdin_window: int  # bytes of an exec's stdin a client may send ahead of its credits
     idle_timeout: float | None = None  # seconds; keep a quiet connection alive with echo
+
+    def problem(self) -> str | None:
+        return None if self.stdin_window > 0 else "stdin_window must be > 0"
+
+
+class Credit(Message):
+    """The agent took ``bytes`` more of an exec's stdin (into the program's
+    pipe, or dropped): the client may send as many more (§4.6)."""
+
+    OP = Op.CREDIT
+    bytes: int
+
+    def problem(self) -> str | None:
+        return None if self.bytes > 0 else "credit bytes must be > 0"
 
 
 class Stdout(Message):
@@ -568,7 +585,7 @@ SERVER_MESSAGES: dict[str, type[Message]] = {
     cls.OP: cls
     for cls in (
         HelloReply, Stdout, Stderr, Exit, Ok, Error, StatReply, Entries, FileInfo, Ready, Data,
-        Done,
+        Done, Credit,
     )
 }  # fmt: skip
 

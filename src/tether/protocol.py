@@ -26,6 +26,7 @@ from .exceptions import FrameTooLarge, ProtocolError
 from .frames import Body, Frame, FrameDecoder
 from .limits import PROTOCOL_VERSION, Limits
 from .messages import (
+    Credit,
     Echo,
     Error,
     ErrorCode,
@@ -40,6 +41,7 @@ from .messages import (
     Put,
     SetAttr,
     Stat,
+    Stdin,
     Symlink,
 )
 
@@ -237,6 +239,8 @@ class ServerProtocol(_Base):
     def __init__(self, limits: Limits | None = None) -> None:
         super().__init__(limits)
         self._active: dict[int, None] = {}  # ids of running requests; a set costs 4x the memory
+        # Running execs: the bytes of stdin received and not yet credited (§4.6).
+        self._stdin_unacked: dict[int, int] = {}
         # An echo has no side effects and is the busiest request there is (a
         # keepalive, a latency probe): when this is set, it is answered here,
         # with no event for it. The agent sets it while it takes requests.
@@ -264,10 +268,19 @@ class ServerProtocol(_Base):
         """Fail the whole connection from the I/O side (e.g. hello timeout)."""
         self._fail(code, message)
 
+    def credit_stdin(self, request_id: int, nbytes: int) -> None:
+        """``nbytes`` of an exec's stdin went into its pipe, or were dropped:
+        let the client send as many more (a ``credit`` frame)."""
+        unacked = self._stdin_unacked.get(request_id)
+        if unacked is not None and 0 < nbytes <= unacked and self.state is _OPEN:
+            self._stdin_unacked[request_id] = unacked - nbytes
+            self.send(Credit(request_id, nbytes))
+
     def finish_request(self, request_id: int, final: Message) -> None:
         """Send a request's last frame and forget its id."""
         if request_id in self._active:
             del self._active[request_id]
+            self._stdin_unacked.pop(request_id, None)
             if self.state is _OPEN:
                 self.send(final)
 
@@ -308,8 +321,20 @@ class ServerProtocol(_Base):
                 self._fail(ErrorCode.PROTOCOL_ERROR, f"request id {msg.id} is already in use")
             else:
                 self._active[msg.id] = None
+                if isinstance(msg, Exec):
+                    self._stdin_unacked[msg.id] = 0
                 self._events.append(RequestReceived(msg))
         elif msg.id in self._active:
+            if isinstance(msg, Stdin) and msg.id in self._stdin_unacked:
+                unacked = self._stdin_unacked[msg.id] + len(msg.body)
+                if unacked > self.limits.stdin_window:
+                    self._fail(
+                        ErrorCode.PROTOCOL_ERROR,
+                        f"stdin of request {msg.id}: {unacked} bytes not credited, over "
+                        f"the window of {self.limits.stdin_window}",
+                    )
+                    return
+                self._stdin_unacked[msg.id] = unacked
             self._events.append(ControlReceived(msg))
         # else: a control frame for a request that has just finished raced
         # with its last frame; it is dropped, not an error (docs/protocol.md §4.3).

@@ -20,11 +20,11 @@ from ..exceptions import (
     TetherError,
 )
 from ..limits import Limits
-from ..messages import ErrorCode, HelloReply, Message
+from ..messages import Credit, ErrorCode, HelloReply, Message
 from ..protocol import ClientProtocol, ConnectionFailed, ReplyReceived
 from . import wire
 
-__all__ = ["Channel", "Closed"]
+__all__ = ["Channel", "Closed", "StdinWindow"]
 
 READ_HIGH_WATER = 8 * 1024 * 1024  # 8 MiB of unread output: stop reading the socket
 READ_LOW_WATER = 2 * 1024 * 1024  # 2 MiB: start again
@@ -36,6 +36,41 @@ class Closed:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+
+class StdinWindow:
+    """How much more of one command's stdin may be sent: the agent's window,
+    less what was sent, plus what the agent has credited back (§4.6)."""
+
+    def __init__(self, size: int) -> None:
+        self.available = size
+        self.closed = False  # the command ended, or the connection did
+        self._changed: asyncio.Event | None = None
+
+    def grant(self, nbytes: int) -> None:
+        self.available += nbytes
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def take(self, wanted: int) -> int:
+        """Up to ``wanted`` bytes, once any may be sent; 0 once closed."""
+        while not self.available and not self.closed:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            await self._changed.wait()
+        if self.closed:
+            return 0
+        granted = min(wanted, self.available)
+        self.available -= granted
+        return granted
 
 
 class Channel(asyncio.BufferedProtocol):
@@ -57,6 +92,8 @@ class Channel(asyncio.BufferedProtocol):
         # Requests answered by exactly one frame (echo, stat...): a future is
         # a good deal cheaper than a queue on the busiest path there is.
         self.replies: dict[int, asyncio.Future[Message]] = {}
+        # Running commands' stdin windows, which credit frames open further.
+        self.windows: dict[int, StdinWindow] = {}
         self.error: Exception | None = None
         self._unread = 0
         self._reading_paused = False
@@ -91,6 +128,12 @@ class Channel(asyncio.BufferedProtocol):
             if not self.hello.done():
                 self.hello.set_result(msg)
             return
+        if type(msg) is Credit:
+            # Taken here, not queued behind output nobody may be reading yet:
+            # a writer waiting for credit must not wait for the reader.
+            if (window := self.windows.get(msg.id)) is not None:
+                window.grant(msg.bytes)
+            return
         queue = self.queues.get(msg.id)
         if queue is None:
             return  # a late frame for a request we gave up on
@@ -105,6 +148,9 @@ class Channel(asyncio.BufferedProtocol):
 
     def forget(self, request_id: int) -> None:
         """Stop routing frames to a request; what it left unread no longer counts."""
+        window = self.windows.pop(request_id, None)
+        if window is not None:
+            window.close()
         queue = self.queues.pop(request_id, None)
         while queue is not None and not queue.empty():
             msg = queue.get_nowait()
@@ -135,6 +181,8 @@ class Channel(asyncio.BufferedProtocol):
             self.hello.exception()  # retrieved: connect() may already be gone
         for queue in self.queues.values():
             queue.put_nowait(Closed(self.error))
+        for window in self.windows.values():
+            window.close()
         for waiter in self.replies.values():
             if not waiter.done():
                 waiter.set_exception(self.error)

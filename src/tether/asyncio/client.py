@@ -37,7 +37,7 @@ from ..messages import (
     Stdin,
     Stdout,
 )
-from .channel import Channel, Closed
+from .channel import Channel, Closed, StdinWindow
 from .wire import reset
 
 if TYPE_CHECKING:
@@ -116,6 +116,8 @@ class RemoteProcess:
         self._wire = conn._wire
         self.id = request_id
         self._queue = queue
+        # Credit frames open it; forget() and a failed connection close it.
+        self._window = self._wire.windows[request_id] = StdinWindow(conn.stdin_window)
         self.exit_status: ExitStatus | None = None
         # How it ended, if not with an exit status: raised again by every later
         # iteration or wait(), which would otherwise wait for a frame that
@@ -171,13 +173,20 @@ class RemoteProcess:
         return self.id not in self._wire.queues
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data`` to the command's stdin (in frames of at most max_body)."""
+        """Send ``data`` to the command's stdin (in frames of at most max_body),
+        waiting while the agent holds its window's worth that the command has
+        not read yet (§4.6)."""
         view = memoryview(data).cast("B")  # counted in bytes, whatever its items
         step = self._conn.max_body
-        for start in range(0, len(view), step):
-            if self.finished:
+        start = 0
+        while start < len(view):
+            size = await self._window.take(min(step, len(view) - start))
+            if not size:
+                if self._wire.error is not None:
+                    raise self._wire.error
                 return  # the command has ended; its stdin is gone
-            self._wire.send(Stdin(self.id, body=bytes(view[start : start + step])))
+            self._wire.send(Stdin(self.id, body=bytes(view[start : start + size])))
+            start += size
             await self._wire.drain()
 
     async def close_stdin(self) -> None:
@@ -245,6 +254,7 @@ class Connection:
         self.server_name = hello.server
         self.encoding = hello.encoding
         self.max_body = min(hello.max_body, wire.protocol.limits.max_body)
+        self.stdin_window = hello.stdin_window
 
     async def __aenter__(self) -> Connection:
         return self

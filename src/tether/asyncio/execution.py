@@ -30,7 +30,6 @@ log = logging.getLogger("tether.exec")
 
 OUTPUT_GRACE = 0.5  # seconds a pipe may stay silent after the main process exits
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for the process group
-STDIN_BUFFER = 16 * 1024 * 1024  # 16 MiB of stdin the child has not read: stop reading the client
 _STDIN, _STDOUT, _STDERR = 0, 1, 2
 
 
@@ -38,6 +37,7 @@ class OutputSink(Protocol):
     """What a runner needs from its connection."""
 
     def send(self, msg: Message) -> None: ...
+    def credit_stdin(self, request_id: int, nbytes: int) -> None: ...
     def hold_input(self, key: object) -> None: ...
     def release_input(self, key: object) -> None: ...
     def track(self, task: asyncio.Task[Any]) -> None: ...
@@ -53,24 +53,24 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 0:
-            # A stdin closed while full never resumes writing: nothing holds
-            # the connection's input for it any more.
-            self.runner.sink.release_input(self.runner)
+            # What the pipe still held is dropped: credited, so that a
+            # client still writing is not left waiting for credit.
+            self.runner._credit_stdin()
         self.runner._on_pipe_closed(fd)
 
     def process_exited(self) -> None:
         self.runner._on_exit()
 
-    # The child's stdin pipe filling up does not stop the connection by
-    # itself: only more than STDIN_BUFFER waiting does (see _write_stdin), so a
-    # child that stops reading, or closes its stdin (which the pipe may never
-    # report while nothing more is written), cannot keep cancel and signal
-    # frames from being read.
+    # The child's stdin pipe filling up never stops the connection: the
+    # client sends no more than its stdin window ahead of the credits
+    # (§4.6), which the pipe earns back as it drains. So a child that stops
+    # reading, or closes its stdin, cannot keep cancel and signal frames, or
+    # the client's going away, from being read.
     def pause_writing(self) -> None:
         pass
 
     def resume_writing(self) -> None:
-        self.runner.sink.release_input(self.runner)
+        self.runner._credit_stdin()
 
 
 class ExecRunner:
@@ -94,6 +94,8 @@ class ExecRunner:
         self._abandoned = False
         self._early: list[Message] = []
         self._starting = object()  # holds the connection's input while starting
+        self._stdin_taken = 0  # bytes of stdin received: written to the pipe, or dropped
+        self._stdin_credited = 0  # of which the client was told (credit frames)
         self.started = time.monotonic()
 
     @property
@@ -160,7 +162,6 @@ class ExecRunner:
                 timer.cancel()
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
-            self.sink.release_input(self)
         transport.close()
         return self._exit_message()
 
@@ -245,16 +246,30 @@ class ExecRunner:
     # Input ----------------------------------------------------------------
 
     def _write_stdin(self, msg: Stdin) -> None:
+        self._stdin_taken += len(msg.body)
+        pipe = self._stdin_pipe()
+        # With no pipe (no stdin asked for, or the child closed it) the input
+        # is dropped, and credited below all the same.
+        if pipe is not None and not pipe.is_closing():
+            if msg.body:
+                pipe.write(msg.body)
+            if msg.eof:
+                pipe.close()  # flushes what is buffered, then closes
+        self._credit_stdin()
+
+    def _credit_stdin(self) -> None:
+        """Credit the client with the stdin that has left the pipe's buffer
+        (into the pipe, or dropped) since the last credit."""
+        pipe = self._stdin_pipe()
+        waiting = pipe.get_write_buffer_size() if pipe is not None else 0
+        amount = self._stdin_taken - waiting - self._stdin_credited
+        if amount > 0:
+            self._stdin_credited += amount
+            self.sink.credit_stdin(self.request.id, amount)
+
+    def _stdin_pipe(self) -> asyncio.WriteTransport | None:
         pipe = self.transport.get_pipe_transport(_STDIN) if self.transport else None
-        pipe = cast(asyncio.WriteTransport | None, pipe)
-        if pipe is None or pipe.is_closing():
-            return  # no stdin asked for, or the child closed it: input is dropped
-        if msg.body:
-            pipe.write(msg.body)
-            if pipe.get_write_buffer_size() > STDIN_BUFFER:
-                self.sink.hold_input(self)  # released by resume_writing or the pipe's end
-        if msg.eof:
-            pipe.close()  # flushes what is buffered, then closes
+        return cast(asyncio.WriteTransport | None, pipe)
 
     # Termination -----------------------------------------------------------
 

@@ -197,6 +197,12 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.protocol.send(msg)
         self._flush()
 
+    def credit_stdin(self, request_id: int, nbytes: int) -> None:
+        """``nbytes`` of an exec's stdin were taken: the client may send more."""
+        if not self.closed:
+            self.protocol.credit_stdin(request_id, nbytes)
+            self._flush()
+
     def hold_input(self, key: object) -> None:
         """Stop reading from the client until ``release_input(key)``."""
         if not self._input_holders and self.transport is not None and not self.closed:
@@ -369,6 +375,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                 encoding=self.server.encoding,
                 max_header=config.limits.max_header,
                 max_body=config.limits.max_body,
+                stdin_window=config.limits.stdin_window,
                 idle_timeout=config.idle_timeout,
             )
         )
