@@ -498,6 +498,23 @@ def test_cli_forwards_stdin(agent: Agent, tether_cli: type[Cli]) -> None:
     assert r.stdout == b"a\nb\n"
 
 
+def test_cli_options_after_the_command_are_the_commands_own(
+    agent: Agent, tether_cli: type[Cli]
+) -> None:
+    """As with ssh, the first word after HOST starts the command: `echo -n`,
+    `grep -n` and `sleep --timeout` reach the program. tether took them as
+    its own options (`-n`: no stdin; `--timeout`) and ran another command."""
+    r = texec(tether_cli, agent, "echo", "-n", "hi")
+    assert (r.returncode, r.stdout) == (0, b"hi"), r.stderr
+    r = texec(tether_cli, agent, "grep", "-n", "foo", input=b"a\nfoo\n")
+    assert (r.returncode, r.stdout) == (0, b"2:foo\n"), r.stderr
+    r = texec(tether_cli, agent, "echo", "--timeout", "1", "--cwd", "x")
+    assert (r.returncode, r.stdout) == (0, b"--timeout 1 --cwd x\n"), r.stderr
+    # Options between HOST and the command are still tether's.
+    r = texec(tether_cli, agent, "--timeout", "0.5", "--env", "V=1", "sh", "-c", "echo $V; sleep 5")
+    assert (r.returncode, r.stdout) == (124, b"1\n"), r.stderr
+
+
 def test_cli_delivers_end_of_file(agent: Agent, tether_cli: type[Cli]) -> None:
     # `cat` ends by itself only if EOF arrives; the shell then goes on.
     r = texec(tether_cli, agent, "--", "sh", "-c", "cat; echo after-eof", input=b"hello\n")

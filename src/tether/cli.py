@@ -333,7 +333,37 @@ def _parse_env(values: Sequence[str]) -> dict[str, str]:
     return env
 
 
-@cli.command(name="exec")
+class _RemoteCommand(click.Command):
+    """``exec``: the first word after HOST starts the remote command, and
+    every word from there on is the command's own, as with ssh. Click lets
+    options come between arguments, so ``tether exec web1 grep -n foo`` ran
+    ``grep foo`` with tether's ``-n`` (no stdin), and ``sleep 3 --timeout 1``
+    got tether's timeout. Options before the command are still tether's."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value = {
+            name
+            for param in self.params
+            if isinstance(param, click.Option) and not param.is_flag and not param.count
+            for name in param.opts
+        }
+        words = 0  # arguments seen before: HOST, then the command
+        index = 0
+        while index < len(args):
+            arg = args[index]
+            if arg == "--":
+                break  # click's own rule: the rest are arguments
+            if arg.startswith("-") and arg != "-":
+                index += 2 if arg in takes_value else 1  # "--cwd DIR"; "--cwd=DIR" is one
+                continue
+            if words == 1:
+                return super().parse_args(ctx, [*args[:index], "--", *args[index:]])
+            words += 1
+            index += 1
+        return super().parse_args(ctx, args)
+
+
+@cli.command(name="exec", cls=_RemoteCommand)
 @click.argument("host")
 @click.argument("command", nargs=-1)
 @click.option(
