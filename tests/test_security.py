@@ -1453,6 +1453,21 @@ def test_connections_still_in_tls_handshake_count_as_unauthenticated(tmp_path: P
 
 
 @pytest.mark.timeout(60)
+def test_connections_closed_before_their_tls_handshake_free_their_slot(tmp_path: Path) -> None:
+    """A port scanner or a load balancer's health check connects and closes
+    at once: none of those may keep counting against --max-unauthenticated.
+    Each counted until the hello timeout (the failed handshake never reached
+    the agent's connection), so 10 probes locked every client out."""
+    with running(tmp_path, "--max-unauthenticated", "5", "--hello-timeout", "30") as a:
+        host, port = tcp_address(a)
+        for _ in range(10):
+            socket.create_connection((host, port), timeout=5).close()
+        time.sleep(0.5)  # the agent has seen them all go
+        with RawClient(tcp_address(a)) as fresh:
+            assert fresh.hello(a.token).op == "hello"
+
+
+@pytest.mark.timeout(60)
 def test_timed_out_connections_free_their_slot(tmp_path: Path) -> None:
     """A connection cut for its hello deadline no longer counts against
     --max-unauthenticated, even if its peer never acknowledges the close."""

@@ -17,6 +17,7 @@ import socket
 import ssl
 import stat
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,12 @@ class Server:
         self._stop = asyncio.Event()
         self._unix_bound: tuple[str, int, int] | None = None  # path, st_dev, st_ino
         self.unauthenticated: set[ServerConnection] = set()
-        # Accepted, TLS handshake not done: a failed handshake never reaches
-        # the connection, so entries expire after the handshake timeout.
-        self.handshaking: dict[ServerConnection, float] = {}
+        # Accepted, TLS handshake not done. A failed handshake never reaches
+        # the connection, but the TLS layer lets go of it when the socket
+        # closes, and nothing else holds it: weak references, so a port
+        # scanner's connect-and-close stops counting at once (held until the
+        # hello timeout, 64 of them locked every client out).
+        self.handshaking: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
         self.execs = 0
         self.policy = ExecPolicy(config.allow_exec, tuple(config.allow))
         self.audit = AuditLog(config.audit_log)
@@ -167,9 +171,6 @@ class Server:
 
     def authenticating(self) -> int:
         """Connections not yet authenticated, including this one and TLS handshakes."""
-        expired = time.monotonic() - self.config.hello_timeout
-        for conn in [c for c, since in self.handshaking.items() if since < expired]:
-            del self.handshaking[conn]
         return len(self.unauthenticated) + len(self.handshaking) + 1
 
     def track(self, task: asyncio.Task[Any]) -> None:
