@@ -6,6 +6,7 @@ child process, exactly as a user would start it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -259,3 +260,19 @@ def rss(pid: int) -> int:
     except FileNotFoundError:
         pass
     return 0
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``path`` for the duration (the tests run as root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)

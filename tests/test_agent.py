@@ -925,6 +925,28 @@ def test_an_audit_log_that_cannot_be_written_does_not_stop_the_agent(
         assert a.wait_for_log("cannot write the audit log").count("cannot write the audit") == 1
 
 
+def test_an_audit_log_nobody_reads_does_not_stop_the_agent(tmp_path: Path) -> None:
+    """--audit-log a FIFO whose reader stalls (a log shipper that hangs):
+    400 connections, each running a command, are served. The agent's event
+    loop wrote each audit line, and froze on the full pipe after about 110."""
+    fifo = tmp_path / "audit.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # holds it open, reads nothing
+    try:
+        with running_agent(tmp_path, "--audit-log", str(fifo), unix=True) as a:
+
+            async def run() -> None:
+                for _ in range(400):
+                    async with asyncio.timeout(10):
+                        async with tether.connect(a.unix, token=a.token) as conn:
+                            assert (await conn.run(["true"])).returncode == 0
+
+            asyncio.run(run())
+            assert os.read(reader, 65536).startswith(b'{"time": ')  # it did write, first
+    finally:
+        os.close(reader)
+
+
 def test_a_clean_stop_exits_0_when_nobody_reads_stderr_any_more(tmp_path: Path) -> None:
     """The reader of the agent's stderr went away (a supervisor's log pipe):
     a SIGTERM stop still exits 0. It exited 141 (EPIPE on "tether: stopped"),

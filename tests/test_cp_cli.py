@@ -46,6 +46,7 @@ from conftest import (
     pin_known_host,
     snapshot,
     start_agent,
+    tmpfs,
 )
 
 MiB = 1024 * 1024
@@ -1236,21 +1237,9 @@ def test_cp_r_put_goes_past_what_the_agent_refuses(
     assert partials(agent.root) == []
 
 
-@contextlib.contextmanager
-def small_tmpfs(directory: Path) -> Iterator[Path]:
+def small_tmpfs(directory: Path) -> contextlib.AbstractContextManager[Path]:
     """A 1 MiB tmpfs mounted on ``directory`` (needs root: skip otherwise)."""
-    directory.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)],
-        capture_output=True,
-        timeout=30,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.decode(errors='replace').strip()}")
-    try:
-        yield directory
-    finally:
-        subprocess.run(["umount", str(directory)], capture_output=True, timeout=30, check=True)
+    return tmpfs(directory, "size=1m")
 
 
 def test_cp_disk_full_on_the_agent(agent: Agent, tether_cli: type[Cli], tmp_path: Path) -> None:

@@ -3,15 +3,18 @@ drops and counts what does not fit, and gives up on a reader that is gone."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from conftest import tmpfs
 from tether.logwriter import LineHandler
 
 LINES = 50_000  # about 550 KB of log: far more than a pipe (64 KiB) and the backlog hold
@@ -53,7 +56,7 @@ def test_a_pipe_nobody_reads_drops_lines_and_says_how_many(logger: logging.Logge
 
     text = received.decode()
     numbers = [int(n) for n in re.findall(r"^test\.logwriter line (\d+)$", text, re.M)]
-    dropped = [int(n) for n in re.findall(r"^tether\.log (\d+) log lines dropped", text, re.M)]
+    dropped = [int(n) for n in re.findall(r"^tether\.log (\d+) log lines dropped: the", text, re.M)]
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
     assert dropped, "no word of the lines dropped"
     assert len(numbers) + sum(dropped) == LINES
@@ -131,3 +134,38 @@ def test_close_writes_what_was_logged_just_before(logger: logging.Logger) -> Non
     os.close(write_end)
     assert read_all(read_end) == b"test.logwriter last words\n"
     os.close(read_end)
+
+
+def test_a_full_disk_drops_lines_until_there_is_room_again(
+    logger: logging.Logger, tmp_path: Path
+) -> None:
+    """stderr to a file on a full disk: the lines that could not be written
+    are counted, and said once there is room. One ENOSPC silenced stderr
+    for the rest of the agent's life."""
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        filler = small / "filler"
+        filler.write_bytes(b"x" * 60 * 1024)
+        fd = os.open(small / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        errors: list[OSError] = []
+        handler = LineHandler(fd, on_error=errors.append)
+        handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+        logger.addHandler(handler)
+        try:
+            for i in range(200):
+                logger.info("lost %03d %s", i, "x" * 60)
+            deadline = time.monotonic() + 10
+            while not errors:
+                assert time.monotonic() < deadline, "no write failed"
+                time.sleep(0.01)
+            filler.unlink()
+            logger.info("after the disk had room again")
+            handler.close(10)
+        finally:
+            os.close(fd)
+        text = (small / "stderr.log").read_text()
+    assert [exc.errno for exc in errors] == [errno.ENOSPC]  # said once per spell
+    assert "test.logwriter after the disk had room again" in text
+    dropped = re.findall(r"tether\.log (\d+) log lines dropped: No space left on device", text)
+    assert dropped and not handler.reader_gone
+    written = len(re.findall(r"^test\.logwriter lost", text, re.M))
+    assert written + sum(map(int, dropped)) >= 200

@@ -26,7 +26,7 @@ import blake3
 import pytest
 
 import tether
-from conftest import Agent, check_clean_log, snapshot, start_agent
+from conftest import Agent, check_clean_log, snapshot, start_agent, tmpfs
 from tether.asyncio.fileio import CHUNK_SIZE, partial_path
 
 MiB = 1024 * 1024
@@ -95,22 +95,6 @@ def assert_meta(path: Path, mode: int, mtime_ns: int) -> None:
     st = os.lstat(path)
     assert stat.S_IMODE(st.st_mode) == mode, f"{path}: mode {oct(st.st_mode)}"
     assert st.st_mtime_ns == mtime_ns, f"{path}: mtime {st.st_mtime_ns} != {mtime_ns}"
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str) -> Iterator[Path]:
-    """A tmpfs mounted at ``path`` for the duration (the tests run as root)."""
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {proc.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def remount_read_only(path: Path) -> None:

@@ -4,12 +4,14 @@ record). Tokens never appear in it: only the name a token belongs to."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
-from typing import IO, Any
+from typing import Any
+
+from .logwriter import LineHandler
 
 __all__ = ["AuditLog"]
 
@@ -17,34 +19,58 @@ log = logging.getLogger("tether.audit")
 
 
 class AuditLog:
-    """Writes audit events to a file (if given) and to the ``tether.audit`` logger."""
+    """Writes audit events to a file (if given) and to the ``tether.audit`` logger.
+
+    The file is written by a thread of its own (:class:`LineHandler`): a
+    destination that blocks (a FIFO whose reader stalls, a hung network
+    file system) froze the agent, whose event loop wrote each line. What
+    cannot be written in time is counted, and the file gets a ``lost``
+    record saying how many and why.
+    """
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        self._file: IO[str] | None = None
+        self._fd = -1
+        self._writer: LineHandler | None = None
         if path is not None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._file = os.fdopen(fd, "a", encoding="utf-8", buffering=1)  # a line at a time
-        self._lost = 0  # events the file could not take
+            try:
+                # Non-blocking: a FIFO with no reader fails here instead of
+                # holding the agent's start for ever.
+                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK
+                self._fd = os.open(path, flags, 0o600)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    raise OSError(exc.errno, "a FIFO nobody reads", exc.filename) from None
+                raise
+            self._writer = LineHandler(self._fd, dropped=_lost, on_error=_cannot_write)
 
     def record(self, event: str, **fields: Any) -> None:
         """Record ``event`` with ``fields`` (JSON-serializable values)."""
-        if self._file is None and not log.isEnabledFor(logging.INFO):
+        if self._writer is None and not log.isEnabledFor(logging.INFO):
             return  # nobody reads it: skip the formatting, on every request
-        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
-        line = json.dumps({"time": now, "event": event, **fields}, default=str)
-        if self._file is not None:
-            try:
-                self._file.write(line + "\n")
-            except OSError as exc:
-                # A full disk must not hang or fail the connection being
-                # recorded (this runs inside connection_made): say it, go on.
-                self._lost += 1
-                if self._lost == 1:
-                    log.error("cannot write the audit log: %s; events go to the log only", exc)
+        line = _line(event, fields)
+        if self._writer is not None:
+            self._writer.put_line(line)
         log.info("%s", line)
 
     def close(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):  # the lines it could not write: said above
-                self._file.close()
-            self._file = None
+        """Write what is queued (waiting a bounded time), then close the file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _line(event: str, fields: dict[str, Any]) -> str:
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+    return json.dumps({"time": now, "event": event, **fields}, default=str)
+
+
+def _lost(count: int, why: str) -> str:
+    return _line("lost", {"records": count, "reason": why})
+
+
+def _cannot_write(exc: OSError) -> None:
+    # From the writer's thread; logging is thread-safe, and goes to stderr.
+    log.error("cannot write the audit log: %s; events go to the log only", exc.strerror or exc)

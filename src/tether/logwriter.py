@@ -17,17 +17,27 @@ synchronously.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import select
 import threading
 import time
+from collections.abc import Callable
 
 __all__ = ["CLOSE_TIMEOUT", "MAX_BACKLOG", "LineHandler", "silence", "write_fully"]
 
 MAX_BACKLOG = 1024 * 1024  # bytes of log lines kept while stderr is not read
 GATHER = 0.02  # seconds the writer lets lines gather before it writes them
 CLOSE_TIMEOUT = 2.0  # seconds close() waits for stderr to take the last lines
+RETRY = 1.0  # seconds before writing again after a failure (a full disk)
+# Failures after which nothing more is written: the reader is gone for good.
+# Any other (ENOSPC, EDQUOT, EIO...) may pass: its lines are counted as
+# dropped, and writing goes on.
+_FOR_GOOD = frozenset({errno.EPIPE, errno.EBADF})
+
+Dropped = Callable[[int, str], str]  # (lines, why) -> the line that says so
+KEPT_UP = "the reader did not keep up"  # why lines were dropped, unless a write failed
 
 
 def write_fully(fd: int, data: bytes) -> None:
@@ -50,16 +60,31 @@ class LineHandler(logging.Handler):
     """A logging handler that formats in the caller's thread and never blocks it.
 
     ``put_line`` queues a line that is not a log record (the agent's
-    "listening on"); ``close`` waits a bounded time for what is queued.
+    "listening on", an audit record); ``close`` waits a bounded time for what
+    is queued. ``dropped`` makes the line that says how many were lost and
+    why (by default a log record of ``tether.log``); ``on_error`` hears of
+    the first failure of each spell of failed writes (it must not log
+    through this handler).
     """
 
-    def __init__(self, fd: int, max_backlog: int = MAX_BACKLOG) -> None:
+    def __init__(
+        self,
+        fd: int,
+        max_backlog: int = MAX_BACKLOG,
+        *,
+        dropped: Dropped | None = None,
+        on_error: Callable[[OSError], None] | None = None,
+    ) -> None:
         super().__init__()
         self._fd = fd
         self._max_backlog = max_backlog
+        self._describe_drop = dropped or self._dropped_record
+        self._on_error = on_error
         self._lines: collections.deque[bytes] = collections.deque()
         self._queued = 0  # bytes in _lines
         self._dropped = 0  # lines dropped since the last that was written
+        self._why = KEPT_UP  # why they were
+        self._failing = False  # the last write failed
         self._closing = False
         self._gone = False  # the reader went away (EPIPE...): nothing more is written
         self._ready = threading.Condition()
@@ -94,15 +119,26 @@ class LineHandler(logging.Handler):
         while (batch := self._next_batch()) is not None:
             try:
                 write_fully(self._fd, batch)
-            except OSError:
-                # Later writes (the interpreter's last flush of sys.stderr
-                # among them) must not fail on it either.
-                silence(self._fd)
+            except OSError as exc:
+                if not self._failing and self._on_error is not None:
+                    self._on_error(exc)
+                self._failing = True
+                if exc.errno in _FOR_GOOD:
+                    # Later writes (the interpreter's last flush of
+                    # sys.stderr among them) must not fail on it either.
+                    silence(self._fd)
+                    with self._ready:
+                        self._gone = True
+                        self._lines.clear()
+                        self._dropped = 0
+                    return
                 with self._ready:
-                    self._gone = True
-                    self._lines.clear()
-                    self._dropped = 0
-                return
+                    self._dropped += batch.count(b"\n")  # as much of it as counts
+                    self._why = exc.strerror or str(exc)
+                if not self._closing:
+                    time.sleep(RETRY)
+                continue
+            self._failing = False
             if not self._closing:
                 # Let the next lines gather: one wake-up of this thread, and
                 # one hand-over of the GIL, per batch instead of per line
@@ -120,21 +156,23 @@ class LineHandler(logging.Handler):
                 return None  # closing, and everything is written
             lines, self._lines, self._queued = self._lines, collections.deque(), 0
             dropped, self._dropped = self._dropped, 0
+            why, self._why = self._why, KEPT_UP
         if dropped:
-            lines.append(self._dropped_line(dropped))
+            note = self._describe_drop(dropped, why)
+            lines.append((note + "\n").encode("utf-8", "backslashreplace"))
         return b"".join(lines)
 
-    def _dropped_line(self, count: int) -> bytes:
+    def _dropped_record(self, count: int, why: str) -> str:
         record = logging.makeLogRecord(
             {
                 "name": "tether.log",
                 "levelno": logging.WARNING,
                 "levelname": logging.getLevelName(logging.WARNING),
-                "msg": "%d log lines dropped: stderr was not being read",
-                "args": (count,),
+                "msg": "%d log lines dropped: %s",
+                "args": (count, why),
             }
         )
-        return (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+        return self.format(record)
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Stop taking lines; wait up to ``timeout`` seconds for the queued
