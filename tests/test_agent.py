@@ -911,6 +911,37 @@ def test_an_agent_started_under_nohup_ignores_sighup(tmp_path: Path) -> None:
         assert agent.wait(30) == 0
 
 
+def test_commands_start_with_the_signals_the_agent_ignores_at_their_default(
+    tmp_path: Path,
+) -> None:
+    """An agent started as a script's background job (SIGINT and SIGQUIT
+    ignored) or under nohup (SIGHUP): its commands must not inherit that,
+    or a `signal INT` does nothing to them. They did."""
+
+    def ignore() -> None:
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+
+    sock = tmp_path / "agent.sock"
+    with serving_with_stderr_piped(tmp_path, ignore, "--unix", str(sock)) as agent:
+        token = (tmp_path / "state" / "token").read_text().strip()
+
+        async def ignored_by_a_command() -> int:
+            async with tether.connect(f"unix:{sock}", token=token) as conn:
+                result = await conn.run(["grep", "^SigIgn:", "/proc/self/status"])
+            return int(result.stdout.split()[1], 16)
+
+        mask = asyncio.run(ignored_by_a_command())
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+            assert not mask & (1 << (sig - 1)), f"{sig.name} ignored: {mask:#x}"
+        agent.send_signal(signal.SIGQUIT)  # still ignored by the agent itself
+        agent.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert agent.poll() is None
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+
+
 def test_an_audit_log_that_cannot_be_written_does_not_stop_the_agent(
     tmp_path: Path, tether_cli: type[Cli]
 ) -> None:
@@ -923,6 +954,46 @@ def test_an_audit_log_that_cannot_be_written_does_not_stop_the_agent(
             assert proc.returncode == 0, proc.stderr
             assert proc.stdout == text.encode() + b"\n"
         assert a.wait_for_log("cannot write the audit log").count("cannot write the audit") == 1
+
+
+def test_a_stderr_reader_that_leaves_during_the_start_does_not_stop_the_agent(
+    tmp_path: Path,
+) -> None:
+    """A script reads the agent's stderr up to the token line and closes it:
+    the agent starts and serves all the same. It died at once, exit 1, with
+    no word (the next start-up line hit EPIPE)."""
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "tether", "serve", "--port", "0", "--no-udp"),
+            *("--state-dir", str(tmp_path / "state"), "--unix", str(sock)),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert agent.stderr is not None
+        assert b"token" in agent.stderr.readline()
+        agent.stderr.close()  # the reader is gone before the TLS lines
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert agent.poll() is None, f"the agent died: {agent.returncode}"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        token = (tmp_path / "state" / "token").read_text().strip()
+
+        async def echo() -> object:
+            async with tether.connect(f"unix:{sock}", token=token) as conn:
+                return await conn.echo("still here")
+
+        assert asyncio.run(echo()) == "still here"
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
 
 
 def test_an_audit_log_nobody_reads_does_not_stop_the_agent(tmp_path: Path) -> None:

@@ -199,15 +199,15 @@ def serve(
                 # The token is shown once, to a person at a terminal; a log
                 # file only learns where it is.
                 shown = f": {token}" if sys.stderr.isatty() else ""
-                click.echo(f"tether: new token written to {path}{shown}", err=True)
+                log_handler.put_line(f"tether: new token written to {path}{shown}")
             else:
-                click.echo(f"tether: token in {path}", err=True)
+                log_handler.put_line(f"tether: token in {path}")
     except (tether.UsageError, OSError) as exc:
         fail(str(exc))
     directory = Path(state_dir) if state_dir else tether.default_state_dir()
     ssl_context = None
     if not no_tcp and not insecure_plaintext:
-        ssl_context = _agent_tls(directory, cert, key)
+        ssl_context = _agent_tls(directory, cert, key, log_handler)
     config = tether.ServerConfig(
         ssl_context=ssl_context,
         tokens_file=Path(tokens_file) if tokens_file else directory / TOKENS_FILE_NAME,
@@ -273,7 +273,9 @@ def token_new(name: str, state_dir: str | None, tokens_file: str | None) -> None
     )
 
 
-def _agent_tls(state_dir: Path, cert: str | None, key: str | None) -> ssl.SSLContext:
+def _agent_tls(
+    state_dir: Path, cert: str | None, key: str | None, say: LineHandler
+) -> ssl.SSLContext:
     from pathlib import Path
 
     from tether.asyncio import tls
@@ -286,11 +288,9 @@ def _agent_tls(state_dir: Path, cert: str | None, key: str | None) -> ssl.SSLCon
         else:
             cert_path, key_path, created = tls.ensure_certificate(state_dir)
             if created:
-                click.echo(f"tether: new TLS certificate in {cert_path}", err=True)
+                say.put_line(f"tether: new TLS certificate in {cert_path}")
         context = tls.server_context(cert_path, key_path)
-        click.echo(
-            f"tether: certificate fingerprint {tls.fingerprint_of_file(cert_path)}", err=True
-        )
+        say.put_line(f"tether: certificate fingerprint {tls.fingerprint_of_file(cert_path)}")
     except (OSError, ValueError) as exc:
         fail(f"cannot load the TLS certificate: {exc}")
     return context
@@ -314,8 +314,16 @@ async def _serve(config: tether.ServerConfig, log: LineHandler) -> int:
     # SIGHUP too (the terminal it ran in closed): its commands run in
     # sessions of their own, which that hangup never reaches; killed by it,
     # the agent would leave them running with nobody to end them.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup tether serve` ignores SIGHUP
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            # Ignored when we started (`nohup`; SIGINT and SIGQUIT for a
+            # background job of a script): stay so, but through a handler
+            # that does nothing. An ignored signal stays ignored across
+            # exec, a caught one does not: our commands start with every
+            # signal at its default, as sshd's do (`send_signal("INT")` did
+            # nothing to them).
+            loop.add_signal_handler(sig, lambda: None)
+        elif sig != signal.SIGQUIT:
             loop.add_signal_handler(sig, server.stop)
     await server.serve()
     # Whoever read our stderr may be gone (EPIPE) or not reading: the stop
