@@ -24,6 +24,8 @@ from tether.limits import DEFAULT_PORT
         ("[::1]", Address(host="::1", port=DEFAULT_PORT)),
         ("::1", Address(host="::1", port=DEFAULT_PORT)),
         ("2001:db8::42", Address(host="2001:db8::42", port=DEFAULT_PORT)),
+        ("fe80::1%eth0", Address(host="fe80::1%eth0", port=DEFAULT_PORT)),
+        ("::ffff:127.0.0.1", Address(host="::ffff:127.0.0.1", port=DEFAULT_PORT)),
         ("unix:/run/tether.sock", Address(path="/run/tether.sock")),
         ("unix:relative.sock", Address(path="relative.sock")),
         ("unix:/tmp/with:colon [x]", Address(path="/tmp/with:colon [x]")),
@@ -77,6 +79,9 @@ def test_str_round_trips(text: str) -> None:
         ("unix:", "no socket path in 'unix:'"),
         (":80", "no host name in ':80'"),
         (":", "no host name in ':'"),
+        ("127.0.0.1 :37119", "bad host name in '127.0.0.1 :37119'"),
+        ("web 1:22", "bad host name in 'web 1:22'"),
+        ("web1\t:22", "bad host name in 'web1\\t:22'"),
     ],
 )
 def test_parse_address_errors(text: str, message: str) -> None:
@@ -84,6 +89,18 @@ def test_parse_address_errors(text: str, message: str) -> None:
         parse_address(text)
     assert str(info.value) == message
     assert info.value.code == "usage"
+
+
+@pytest.mark.parametrize(
+    "text", ["127.0.0.1:37119:9", "web1:22:", "host:port:extra", "1:2:3", "::1 %eth0", "::1%e 0"]
+)
+def test_more_than_one_colon_is_an_ipv6_address_or_a_usage_error(text: str) -> None:
+    """Not a bare IPv6 address: a usage error, not a name for the resolver."""
+    with pytest.raises(UsageError) as info:
+        parse_address(text)
+    assert str(info.value) == (
+        f"bad address in {text!r}: more than one ':' and not an IPv6 address (write [v6addr]:port)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,22 @@ def test_a_host_name_the_resolver_refuses_is_one_line(agent: Agent, host: str) -
     assert (r.returncode, r.stderr) == (2, f"tether: bad host name in '--host {host}'\n".encode())
 
 
+def test_trailing_garbage_after_a_port_is_a_usage_error(agent: Agent) -> None:
+    """More than one ':' is a bare IPv6 address only if it parses as one;
+    else exit 2 at once, not a resolver failure (255) for a made-up name."""
+    port = agent.port
+    for host in (f"127.0.0.1:{port}:9", "web1:22:", "host:port:extra"):
+        for args in (["exec", host, "--", "true"], ["ping", host, "-c", "1"]):
+            r = tether(agent, *args)
+            assert r.returncode == 2, (args, r.stderr)
+            assert r.stderr.decode().startswith(f"tether: bad address in {host!r}: "), r.stderr
+    r = tether(agent, "exec", f"127.0.0.1 :{port}", "--", "true")
+    assert (r.returncode, r.stderr) == (
+        2,
+        f"tether: bad host name in '127.0.0.1 :{port}'\n".encode(),
+    )
+
+
 def test_a_directory_that_cannot_be_entered_is_named(tmp_path: Path) -> None:
     """``--cwd`` to a directory the agent may not enter: the error names the
     directory, not the program (it said "permission denied: true"). The agent

@@ -59,8 +59,8 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
         if not rest.startswith(":"):
             raise UsageError(f"expected ':port' after ']' in {original!r}")
         return Address(host=host, port=_parse_port(rest[1:], original))
-    if text.count(":") > 1:  # a bare IPv6 address, no port
-        return Address(host=text, port=default_port)
+    if text.count(":") > 1:  # a bare IPv6 address, no port, or a typo
+        return Address(host=_check_bare_ipv6(text, original), port=default_port)
     host, sep, port = text.partition(":")
     if not host:
         raise UsageError(f"no host name in {original!r}")
@@ -70,19 +70,47 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
     )
 
 
+def _check_bare_ipv6(text: str, original: str) -> str:
+    """``text`` if it is an IPv6 address (``%scope`` allowed): ``host:22:``
+    or ``127.0.0.1:22:9`` must be a usage error, not a name that fails to
+    resolve."""
+    # Imported here only: ipaddress costs every `tether exec` start-up time,
+    # and this branch is the one that needs it.
+    import ipaddress
+
+    try:
+        ipaddress.IPv6Address(text)
+        valid = not _has_space(text)  # ipaddress takes any %scope
+    except ValueError:
+        valid = False
+    if not valid:
+        raise UsageError(
+            f"bad address in {original!r}: more than one ':' and not an IPv6 address "
+            "(write [v6addr]:port)"
+        )
+    return text
+
+
 def check_host_name(host: str, original: str | None = None) -> str:
     """``host``, if the resolver will take it.
 
     Raises:
         UsageError: a name the IDNA codec refuses (an empty label as in
-            ``web1..lan`` or ``.web1``, a label over 63 characters): one
-            clear line here rather than a ``UnicodeError`` from the resolver.
+            ``web1..lan`` or ``.web1``, a label over 63 characters), or one
+            with a space in it (``'127.0.0.1 :22'``, which the codec takes):
+            one clear line here rather than an error from the resolver.
     """
     try:
         host.encode("idna")
     except UnicodeError:
         raise UsageError(f"bad host name in {original or host!r}") from None
+    if _has_space(host):
+        raise UsageError(f"bad host name in {original or host!r}")
     return host
+
+
+def _has_space(text: str) -> bool:
+    return any(c.isspace() for c in text)
 
 
 @dataclass(frozen=True, slots=True)
