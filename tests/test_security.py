@@ -449,6 +449,40 @@ def test_a_first_connection_that_fails_its_hello_pins_nothing(tmp_path: Path) ->
         assert kh.read_text() == f"{a.host} {printed_fingerprint(a)}\n"
 
 
+@contextlib.contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """``directory`` on a read-only bind mount for the block: what a root
+    client sees too (root ignores file modes, not a read-only mount)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(directory), str(directory)], check=True, timeout=10)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(directory)], check=True, timeout=10)
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=True, timeout=10)
+
+
+@pytest.mark.skipif(shutil.which("mount") is None or os.geteuid() != 0, reason="needs mount")
+async def test_a_pin_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path: Path) -> None:
+    """As ssh's "Failed to add the host to the list of known hosts": the
+    first connection goes on, and says that it pinned nothing."""
+    config = tmp_path / "config"
+    kh = config / "known_hosts"
+    with running(tmp_path) as a, read_only(config):
+        real = printed_fingerprint(a)
+        r = Cli.run(["exec", a.host, "--known-hosts", str(kh), "--", "echo", "hi"], env=a.env)
+        assert (r.returncode, r.stdout) == (0, b"hi\n"), r.stderr
+        assert r.stderr.decode() == (
+            f"tether: failed to pin {a.host} to certificate {real} "
+            f"(known hosts file {kh}: Read-only file system): trusted for this connection only\n"
+        )
+        async with tether.connect(a.host, token=a.token, known_hosts=kh) as conn:
+            assert await conn.echo("hi") == "hi"
+            assert not conn.new_host and conn.fingerprint == real
+            assert conn.pin_error == f"known hosts file {kh}: Read-only file system"
+        assert not kh.exists()
+
+
 async def test_cacert(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     ca = make_cert(pki, "test-ca", ca=True)

@@ -293,6 +293,11 @@ async def _connected(host: str, connect: dict[str, Any]) -> AsyncIterator[tether
                 "(trust on first use; compare it with what the agent printed)",
                 err=True,
             )
+        elif conn.pin_error is not None:
+            warn(
+                f"failed to pin {conn.address} to certificate {conn.fingerprint} "
+                f"({conn.pin_error}): trusted for this connection only"
+            )
         yield conn
 
 

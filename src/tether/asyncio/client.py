@@ -240,11 +240,14 @@ class Connection:
         *,
         fingerprint: str | None = None,
         new_host: bool = False,
+        pin_error: str | None = None,
     ) -> None:
         self._wire = wire
         self.address = address
         self.fingerprint = fingerprint  # the agent's TLS certificate; None for plaintext
         self.new_host = new_host  # pinned just now, on first use
+        # Trusted on first use but not pinned: why the known-hosts file could not be written.
+        self.pin_error = pin_error
         self._keepalive: asyncio.Task[None] | None = None
         if hello.idle_timeout:
             # The agent closes connections silent for idle_timeout: a held,

@@ -140,6 +140,7 @@ async def _open_connection(
     wire: Channel | None = None
     seen: str | None = None
     new_host = False
+    pin_error: str | None = None
     try:
         async with asyncio.timeout(connect_timeout):
             if address.path is not None:
@@ -176,9 +177,8 @@ async def _open_connection(
                 # refused hello, or against something that is no tether agent,
                 # the next attempt is still a first use.
                 assert seen is not None
-                with _known_hosts_file(pin_into):
-                    add_known_host(pin_into, str(address), seen)
-                new_host = True
+                pin_error = _pin(pin_into, address, seen)
+                new_host = pin_error is None
     except TetherError:
         _abort(wire)
         raise
@@ -206,7 +206,9 @@ async def _open_connection(
     except BaseException:  # cancelled from outside: no half-open connection is left
         _abort(wire)
         raise
-    return Connection(wire, address, hello, fingerprint=seen, new_host=new_host)
+    return Connection(
+        wire, address, hello, fingerprint=seen, new_host=new_host, pin_error=pin_error
+    )
 
 
 def _peer_fingerprint(wire: Channel) -> str:
@@ -265,13 +267,29 @@ def _check_pin(address: Address, seen: str, pinned: str | None, trust: _Trust) -
     return path
 
 
+def _pin(path: str, address: Address, seen: str) -> str | None:
+    """Record ``seen`` as the pin of ``address`` in the known-hosts file ``path``.
+
+    Returns:
+        None, or why it could not be written (a read-only file system, no
+        permission...). As with ssh's "Failed to add the host to the list of
+        known hosts", the connection goes on: its certificate was trusted on
+        first use all the same, the next connection will be a first use too.
+    """
+    try:
+        add_known_host(path, str(address), seen)
+    except OSError as exc:
+        return f"known hosts file {path}: {exc.strerror or exc}"
+    return None
+
+
 @contextlib.contextmanager
 def _known_hosts_file(path: str) -> Generator[None, None, None]:
-    """Reading or writing the known-hosts file at ``path``.
+    """Reading the known-hosts file at ``path``.
 
     Raises:
-        UsageError: the file cannot be read or written (a directory, no
-            permission...): about that file, not a failed connection.
+        UsageError: the file cannot be read (a directory, no permission...):
+            about that file, not a failed connection.
     """
     try:
         yield
