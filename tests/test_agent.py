@@ -1203,6 +1203,31 @@ def test_cli_ping_interrupted_prints_its_statistics(agent: Agent) -> None:
     assert b"rtt min/avg/max" in out
 
 
+@needs_ipv6
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare -m and mount need root")
+@pytest.mark.timeout(30)
+def test_cli_ping_moves_on_to_the_next_address_of_a_name(agent: Agent, tmp_path: Path) -> None:
+    """A name for ::1 then 127.0.0.1, the agent on 127.0.0.1 only: ::1 refuses,
+    and ping moves on to 127.0.0.1 as exec's TCP connect does, and says so."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 tether-dual\n127.0.0.1 tether-dual\n")
+    # In a mount namespace of its own: /etc/hosts changes for this process only.
+    script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    host = f"tether-dual:{agent.port}"
+    cmd = [sys.executable, "-m", "tether", "ping", host, "-c", "2", "-i", "0.1"]
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, str(hosts), *cmd],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+    )
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, (out, proc.stderr)
+    assert out.startswith(f"PING {host} (127.0.0.1, udp): 16 bytes\n"), out
+    assert "2 sent, 2 received, 0% loss" in out
+    assert "unreachable" not in out
+
+
 def test_cli_ping_of_a_unix_socket_is_refused_before_anything_is_printed(
     tether_cli: type[Cli],
 ) -> None:

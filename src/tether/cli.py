@@ -893,12 +893,13 @@ async def _ping(host: str, count: int, interval: float, wait: float, size: int) 
 
     address = tether.parse_address(host)
     pings = tether.ping(address, count=count, interval=interval, timeout=wait, size=size)
-    click.echo(f"PING {address} (udp): {size} bytes")
     rtts: list[float] = []
-    sent = 0
+    outcomes = 0
     try:
         async for reply in pings:
-            sent += 1
+            outcomes += 1
+            if outcomes == 1:  # the first outcome tells which of the host's addresses answers
+                click.echo(_ping_header(address, reply.peer, size))
             if reply.refused:
                 click.echo(f"seq={reply.seq}: port unreachable: nothing listens on {address} (udp)")
             elif reply.rtt is None:
@@ -910,10 +911,16 @@ async def _ping(host: str, count: int, interval: float, wait: float, size: int) 
                     f"seq={reply.seq} time={reply.rtt * 1000:.3f} ms"
                 )
     except asyncio.CancelledError:  # Ctrl-C: the statistics so far, as ping(8)
-        _ping_statistics(address, sent, rtts)
+        _ping_statistics(address, outcomes, rtts)
         raise
-    _ping_statistics(address, sent, rtts)
+    _ping_statistics(address, outcomes, rtts)
     return 0 if rtts else 1
+
+
+def _ping_header(address: tether.Address, peer: str, size: int) -> str:
+    # As ping(8)'s "PING localhost (127.0.0.1)": the IP address, if not typed.
+    via = "udp" if peer == address.host else f"{peer}, udp"
+    return f"PING {address} ({via}): {size} bytes"
 
 
 def _ping_statistics(address: object, sent: int, rtts: list[float]) -> None:
