@@ -910,10 +910,10 @@ async def _ping(host: str, count: int, interval: float, wait: float, size: int) 
                     f"{reply.size} bytes from {address}: "
                     f"seq={reply.seq} time={reply.rtt * 1000:.3f} ms"
                 )
-    except asyncio.CancelledError:  # Ctrl-C: the statistics so far, as ping(8)
-        _ping_statistics(address, outcomes, rtts)
-        raise
-    _ping_statistics(address, outcomes, rtts)
+    except asyncio.CancelledError:  # Ctrl-C: the statistics so far, exit code and all, as ping(8)
+        if not outcomes and pings.peer is not None:  # the first ping is still on its way
+            click.echo(_ping_header(address, pings.peer, size))
+    _ping_statistics(address, pings.sent, rtts)
     return 0 if rtts else 1
 
 
