@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -775,6 +776,45 @@ def test_stale_unix_socket_is_replaced(tmp_path: Path, tether_cli: type[Cli]) ->
         assert proc.stdout == b"fresh\n"
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert not path.exists(), "a stopped agent removes its socket file"
+
+
+def test_the_agent_takes_the_hard_limit_on_open_files(tmp_path: Path) -> None:
+    """Started with a soft limit of 64 descriptors (the usual is 1,024), an
+    agent would drop connections past it, silently: it raises its own."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 64:
+        pytest.skip(f"the hard limit is {hard}")
+
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+
+    with serving_with_stderr_piped(tmp_path, low) as agent:
+        with open(f"/proc/{agent.pid}/limits") as limits:
+            line = next(line for line in limits if line.startswith("Max open files"))
+        assert line.split()[3:5] == [str(hard), str(hard)], line
+
+
+def test_a_unix_socket_whose_listener_accepts_nothing_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    """A frozen agent's socket (it listens, its backlog is full): a new agent
+    on the same path says it is in use. Its probe blocked for ever."""
+    path = tmp_path / "frozen.sock"
+    with socket.socket(socket.AF_UNIX) as frozen, socket.socket(socket.AF_UNIX) as waiting:
+        frozen.bind(str(path))
+        frozen.listen(0)
+        waiting.connect(str(path))  # fills the backlog; nobody accepts
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-m", "tether", "serve", "--no-tcp", "--unix", str(path)),
+                *("--state-dir", str(tmp_path / "state"), "--root", str(tmp_path)),
+            ],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=30,
+        )
+    assert proc.returncode != 0
+    assert b"in use by a running agent" in proc.stderr
 
 
 def test_live_unix_socket_is_not_taken_over(tmp_path: Path, tether_cli: type[Cli]) -> None:

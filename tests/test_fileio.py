@@ -10,9 +10,11 @@ wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
+import resource
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -229,3 +231,31 @@ async def test_a_read_error_while_hashing_a_prefix_is_an_io_error(
     finally:
         partial.close()
         sending.close()
+
+
+def test_a_commit_that_fails_leaves_the_destination_as_it_was(tmp_path: Path) -> None:
+    """Out of descriptors at the commit (EMFILE): the commit fails, and the
+    destination is still the old file. It was renamed first, then failed to
+    open its directory for the fsync: a failure reported with the new file
+    already in place."""
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"the old file")
+    partial = PartialFile(str(dest), "dest", resume=False)
+    os.write(partial.fd, b"the new file")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+        with contextlib.suppress(OSError):
+            while len(held) < 1024:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(OSError) as failed:
+            partial._commit(0o644, None)
+        assert failed.value.errno == errno.EMFILE
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert dest.read_bytes() == b"the old file"
+    assert not partial.committed
+    partial.discard()

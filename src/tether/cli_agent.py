@@ -177,6 +177,7 @@ def serve(
     from tether.logwriter import LineHandler
     from tether.tokens import check_private, read_token_file
 
+    _raise_open_files_limit()
     # Not written by the event loop: a stderr nobody reads would stop it.
     log_handler = LineHandler(sys.stderr.fileno())
     log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -271,6 +272,20 @@ def token_new(name: str, state_dir: str | None, tokens_file: str | None) -> None
         f"tether: token {name!r} added to {path}; give it to the client in a file or $TETHER_TOKEN",
         err=True,
     )
+
+
+def _raise_open_files_limit() -> None:
+    """Take the hard limit on open files as ours (Go's runtime and nginx do):
+    each connection and each command's pipes cost descriptors, and at the
+    usual soft limit of 1,024 an agent drops connections past about a
+    thousand, which libuv closes at accept without a word."""
+    import contextlib
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit: keep ours
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _agent_tls(

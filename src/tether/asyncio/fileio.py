@@ -320,10 +320,13 @@ class PartialFile(_ThreadedFile):
         if mtime_ns is not None:
             os.utime(self.fd, ns=(mtime_ns, mtime_ns))
         os.fsync(self.fd)
-        os.rename(self.path, self.dest)
-        self.committed = True  # the name now belongs to the destination
+        # Opened before the rename: once the destination is replaced, nothing
+        # may fail (out of descriptors, EMFILE) and report the transfer as
+        # failed with the new file in place.
         directory = os.open(os.path.dirname(self.dest) or ".", os.O_RDONLY | os.O_DIRECTORY)
         try:
+            os.rename(self.path, self.dest)
+            self.committed = True  # the name now belongs to the destination
             os.fsync(directory)  # the rename itself must survive a crash
         finally:
             os.close(directory)

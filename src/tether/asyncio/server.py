@@ -99,11 +99,16 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        # Non-blocking: a listener whose backlog is full (a frozen agent)
+        # answers EAGAIN at once; a blocking connect waited for ever.
+        probe.setblocking(False)
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
             os.unlink(path)  # nobody listens: stale
             return
+        except BlockingIOError:
+            pass  # someone listens, and is not accepting
     raise OSError(errno.EADDRINUSE, f"{path} is in use by a running agent")
 
 
