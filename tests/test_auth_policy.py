@@ -117,6 +117,22 @@ def test_limiter_memory_bounded_under_address_spray() -> None:
     assert len(limiter._failures) <= 10_001
 
 
+def test_limiter_forgets_expired_histories_and_blocks_of_any_number_of_addresses() -> None:
+    """30,000 addresses, each blocked: once their windows and blocks are
+    over, one more failure leaves nothing of them. Blocks were never dropped
+    (only when the same address came back), and below 10,000 addresses no
+    history was."""
+    limiter = FailureLimiter(max_failures=2, window=60.0, block_seconds=60.0)
+    for i in range(30_000):
+        address = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+        limiter.failed(address, i / 1000)
+        limiter.failed(address, i / 1000)
+    assert len(limiter._blocked_until) == 30_000
+    limiter.failed(B, 200.0)
+    assert (len(limiter._failures), len(limiter._blocked_until)) == (1, 0)
+    assert limiter.blocked(A, 200.0) == 0.0 and limiter.blocked(B, 200.0) == 0.0
+
+
 # Authenticator ---------------------------------------------------------------------------
 
 ALICE = "alice-token-0123456789abcdefghijklmnopqrstuv"
