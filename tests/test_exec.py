@@ -1261,6 +1261,32 @@ async def test_sigterm_with_short_grace_ends_what_is_left(tmp_path: Path) -> Non
         kill_leftovers(pids)
 
 
+async def test_a_second_sigterm_ends_the_grace_at_once(tmp_path: Path) -> None:
+    """`kill` twice, as with most daemons: the running commands end now, not
+    after the rest of --grace (60 s here); nothing of them is left."""
+    patient = start_agent(tmp_path, "--grace", "60", name="patient")
+    pids: list[int] = []
+    try:
+        async with tether.connect(patient.host, token=patient.token) as conn:
+            proc = await conn.exec(shell="echo $$; exec sleep 300")
+            await read_pids(proc, 1, pids)
+            patient.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            patient.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(RemoteError) as caught:
+                async with asyncio.timeout(20):
+                    await proc.wait()
+            assert caught.value.code == "shutting_down"
+        assert await wait_exit(patient.proc, 20) == 0
+        assert time.monotonic() - started < 15
+        assert await async_survivors(pids) == []
+    finally:
+        patient.stop()
+        check_clean_log(patient)
+        kill_leftovers(pids)
+
+
 async def test_a_command_ended_by_the_shutdown_is_audited_as_shutting_down(
     tmp_path: Path,
 ) -> None:

@@ -126,6 +126,7 @@ class Server:
         self._udp: list[asyncio.DatagramTransport] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second stop: no grace for running requests
         self._unix_bound: tuple[str, int, int] | None = None  # path, st_dev, st_ino
         self.unauthenticated: set[ServerConnection] = set()
         # Accepted, TLS handshake not done. A failed handshake never reaches
@@ -279,7 +280,11 @@ class Server:
         self.addresses.append(f"unix {path}")
 
     def stop(self) -> None:
-        """Ask :meth:`serve` to shut down gracefully."""
+        """Ask :meth:`serve` to shut down gracefully; asked again, at once
+        (running requests end without their grace, as after it)."""
+        if self._stop.is_set() and not self._hurry.is_set():
+            log.info("stopping now: running requests get no more grace")
+            self._hurry.set()
         self._stop.set()
 
     async def serve(self) -> None:
@@ -309,7 +314,13 @@ class Server:
             log.info(
                 "stopping: waiting up to %.1fs for %d request(s)", self.config.grace, len(running)
             )
-            await asyncio.wait(running, timeout=self.config.grace)
+            all_done = asyncio.ensure_future(asyncio.wait(running))
+            hurried = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait(
+                [all_done, hurried], timeout=self.config.grace, return_when=asyncio.FIRST_COMPLETED
+            )
+            all_done.cancel()  # the wait, not the requests: they are ended below
+            hurried.cancel()
         for conn in list(self.connections):
             for task in conn.tasks.values():
                 task.cancel()
