@@ -1168,6 +1168,22 @@ def test_cli_echo_round_trip(agent: Agent, tether_cli: type[Cli], text: str) -> 
     assert re.fullmatch(r"round trip \d+(\.\d+)? ms", lines[0]), lines
 
 
+def test_cli_echo_succeeds_with_stderr_full(agent: Agent) -> None:
+    """`tether echo HOST x 2>/dev/full`: the echo went well, only its round
+    trip line could not be written: exit 0. It exited 1 (Python's own path
+    for an error nobody caught)."""
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tether", "echo", agent.host, "x"],
+            env=agent.env,
+            stdout=subprocess.PIPE,
+            stderr=full,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+    assert (proc.returncode, proc.stdout) == (0, b"x\n")
+
+
 async def test_api_echo_round_trip(agent: Agent) -> None:
     async with tether.connect(agent.host, token=agent.token) as conn:
         for text in ECHO_TEXTS:

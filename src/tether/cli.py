@@ -56,7 +56,14 @@ def warn(message: str, *, lines: bool = False) -> None:
     from .terminal import printable
 
     parts = message.split("\n") if lines else [message]
-    click.echo("tether: " + "\n".join(printable(part) for part in parts), err=True)
+    _say("tether: " + "\n".join(printable(part) for part in parts))
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr, if stderr takes it: one that is full or gone
+    (``2>/dev/full``) must not turn a command that went well into a failure."""
+    with contextlib.suppress(OSError):
+        click.echo(line, err=True)
 
 
 def fail(message: str, code: int = EXIT_FAILURE, *, lines: bool = False) -> NoReturn:
@@ -288,10 +295,9 @@ async def _connected(host: str, connect: dict[str, Any]) -> AsyncIterator[tether
 
     async with tether.connect(host, **connect) as conn:
         if conn.new_host:
-            click.echo(
+            _say(
                 f"tether: pinned {conn.address} to certificate {conn.fingerprint} "
-                "(trust on first use; compare it with what the agent printed)",
-                err=True,
+                "(trust on first use; compare it with what the agent printed)"
             )
         elif conn.pin_error is not None:
             warn(
@@ -848,7 +854,7 @@ async def _echo(host: str, text: str, connect: dict[str, Any]) -> int:
         fail("echo came back different from what was sent")
     assert isinstance(reply, str)
     _write_line(reply)  # as bytes: an argument that is not UTF-8 comes back as it went
-    click.echo(f"round trip {elapsed * 1000:.3f} ms", err=True)
+    _say(f"round trip {elapsed * 1000:.3f} ms")
     return 0
 
 
