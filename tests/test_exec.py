@@ -515,6 +515,22 @@ def test_cli_options_after_the_command_are_the_commands_own(
     assert (r.returncode, r.stdout) == (124, b"1\n"), r.stderr
 
 
+def test_cli_exit_codes_of_what_cannot_run_are_a_shells(
+    agent: Agent, tether_cli: type[Cli]
+) -> None:
+    """As sh would: an empty program name is not found (127: it was
+    "permission denied", 126), a file as the directory cannot be entered
+    (126: it was "no such directory", 127), and an empty --shell '' runs
+    (it was refused as no command at all)."""
+    (agent.root / "a-file").write_bytes(b"")
+    r = texec(tether_cli, agent, "--", "")
+    assert r.returncode == 127 and b"no such program" in r.stderr, r.stderr
+    r = texec(tether_cli, agent, "--cwd", "a-file", "--", "true")
+    assert r.returncode == 126 and b"cannot enter a-file: not a directory" in r.stderr, r.stderr
+    r = texec(tether_cli, agent, "--shell", "")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+
+
 def test_cli_delivers_end_of_file(agent: Agent, tether_cli: type[Cli]) -> None:
     # `cat` ends by itself only if EOF arrives; the shell then goes on.
     r = texec(tether_cli, agent, "--", "sh", "-c", "cat; echo after-eof", input=b"hello\n")

@@ -410,7 +410,7 @@ def exec_(
     tether exec web1 --shell 'ps aux | grep nginx'
     printf 'b\\na\\n' | tether exec web1 -- sort
     """
-    if bool(command) == bool(shell):
+    if bool(command) == (shell is not None):  # an empty --shell '' is a command line too
         fail("give a command after --, or --shell CMDLINE (not both)", 2)
     environment = _parse_env(env)
     run_main(

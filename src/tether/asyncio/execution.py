@@ -113,6 +113,10 @@ class ExecRunner:
         loop = asyncio.get_running_loop()
         argv = self.argv
         program = shorten(argv[0])  # the client's text, quoted back (§3.3)
+        if not argv[0]:
+            # execvp("") searches PATH and fails with EACCES: "permission
+            # denied: " for a program nobody named. A shell says not found.
+            raise RemoteError(ErrorCode.NOT_FOUND, "no such program: ''")
         try:
             # A new session: its own process group, so all of it can be signalled.
             transport = await spawn(
@@ -360,7 +364,10 @@ async def handle_exec(conn: ServerConnection, request: Exec) -> Message:
     root = config.root
     cwd = os.path.join(root, request.cwd) if request.cwd else os.fspath(root)
     if not os.path.isdir(cwd):
-        raise RemoteError(ErrorCode.NOT_FOUND, f"no such directory: {shorten(request.cwd or '.')}")
+        shown = shorten(request.cwd or ".")
+        if os.path.exists(cwd):  # a file: it exists, and cannot be entered
+            raise RemoteError(ErrorCode.EXEC_FAILED, f"cannot enter {shown}: not a directory")
+        raise RemoteError(ErrorCode.NOT_FOUND, f"no such directory: {shown}")
     runner = ExecRunner(request, conn, cwd=cwd, env=env)
     conn.attach(request.id, runner)
     conn.note(request.id, cwd=cwd)
