@@ -7,6 +7,7 @@ child process, exactly as a user would start it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -185,6 +186,49 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
     finally:
         a.stop()
         check_clean_log(a)
+
+
+SMALL_DISK = 256 * 1024  # bytes of the tmpfs a full disk is tested on
+PAGE = os.sysconf("SC_PAGE_SIZE")  # what a tmpfs hands out at a time
+
+
+@dataclass
+class SmallDisk:
+    """A tmpfs of this test's own, filled up on demand: a full disk for real."""
+
+    path: Path
+
+    @property
+    def filler(self) -> Path:
+        return self.path / ".filler"
+
+    def fill(self, leave: int = 0) -> None:
+        """Fill the disk, leaving ``leave`` pages free."""
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for _ in range(SMALL_DISK // PAGE + 1):  # full before the last round
+                try:
+                    os.write(fd, bytes(PAGE))
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+            else:
+                raise AssertionError(f"{self.path} never filled")
+            pages = os.fstat(fd).st_size // PAGE
+            assert pages >= leave, (pages, leave)
+            os.ftruncate(fd, (pages - leave) * PAGE)
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        self.filler.unlink()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    """A 256 KiB tmpfs mounted for the test (root only; skipped otherwise)."""
+    with tmpfs(tmp_path / "disk", f"size={SMALL_DISK},mode=700") as mount_point:
+        yield SmallDisk(mount_point)
 
 
 @pytest.fixture

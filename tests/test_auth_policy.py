@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import pwd
 import re
 import stat
 from collections.abc import Iterator
@@ -568,3 +569,26 @@ def test_default_known_hosts_under_xdg_config(
     monkeypatch.delenv("XDG_CONFIG_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_known_hosts() == str(tmp_path / "home" / ".config" / "tether" / "known_hosts")
+
+
+def test_default_known_hosts_needs_an_absolute_home_and_xdg_config_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``HOME= tether exec`` pinned agents in /.config/tether/known_hosts, a
+    relative HOME or XDG_CONFIG_HOME in a file under the current directory."""
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    for value in ("", "relative/home"):
+        monkeypatch.setenv("HOME", value)
+        assert default_known_hosts() == os.path.join(home, ".config", "tether", "known_hosts")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/config")  # ignored, as the XDG spec says
+    assert default_known_hosts() == str(tmp_path / ".config" / "tether" / "known_hosts")
+
+
+def test_a_pin_after_a_last_line_without_newline_is_a_line_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "known_hosts"
+    path.write_text(f"web1:7447 {PRINT}")
+    add_known_host(path, "db:7447", PRINT)
+    assert path.read_text() == f"web1:7447 {PRINT}\ndb:7447 {PRINT}\n"
+    assert lookup_known_host(path, "db:7447") == KnownHost("db:7447", PRINT, 2)

@@ -42,8 +42,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import tether
-from conftest import Agent, Cli, check_clean_log, start_agent
+from conftest import Agent, Cli, SmallDisk, check_clean_log, start_agent
 from rawclient import RawClient, hello_bytes, tcp_address, unverified_tls_context
+from tether.asyncio.tls import ensure_certificate, server_context
 from tether.exceptions import CertificateError
 from tether.frames import Frame, FrameDecoder, encode_frame
 from tether.limits import PROTOCOL_VERSION
@@ -251,6 +252,22 @@ def test_tls_by_default_fingerprint_and_private_key(tmp_path: Path) -> None:
     # A restart keeps the certificate: pins survive restarts.
     with running(tmp_path) as again:
         assert printed_fingerprint(again) == printed
+
+
+def test_an_empty_certificate_or_key_is_made_anew(tmp_path: Path) -> None:
+    """A full disk once left key.pem written and cert.pem empty, and every
+    later start failed ("PEM lib"): an empty file of the pair is as none."""
+    cert, key, created = ensure_certificate(tmp_path)
+    assert created is True
+    for emptied in (cert, key):
+        first = cert_fingerprint(cert)
+        emptied.write_bytes(b"")
+        assert ensure_certificate(tmp_path) == (cert, key, True)
+        assert cert_fingerprint(cert) != first
+        assert mode(key) == 0o600
+        server_context(cert, key)  # the key is the certificate's
+        assert sorted(os.listdir(tmp_path)) == ["cert.pem", "key.pem"]
+    assert ensure_certificate(tmp_path) == (cert, key, False)
 
 
 def test_tls_1_2_client_refused(tmp_path: Path) -> None:
@@ -1026,6 +1043,36 @@ def test_named_tokens(tmp_path: Path) -> None:
         assert b"listening" not in refused.stderr
 
 
+def test_token_new_adds_no_token_it_could_not_print(tmp_path: Path) -> None:
+    """The token was written to the tokens file first: when printing it then
+    failed, a live token nobody had received stayed there (and a traceback
+    was all the user saw)."""
+    state = tmp_path / "state"
+    args = ["token", "new", "alice", "--state-dir", str(state)]
+    command = [sys.executable, "-m", "tether", *args]
+    with open("/dev/full", "wb") as full:
+        failed = subprocess.run(
+            command, stdout=full, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=30
+        )
+    assert failed.returncode == 255
+    said = "tether: token 'alice' not added: cannot print it: No space left on device"
+    assert one_line(failed) == said
+    assert not (state / "tokens").exists()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone: EPIPE
+    try:
+        gone = subprocess.run(
+            command, stdout=write_end, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=30
+        )
+    finally:
+        os.close(write_end)
+    assert (gone.returncode, gone.stderr) == (141, b"")  # quiet, as if killed by SIGPIPE
+    assert not (state / "tokens").exists()
+    made = Cli.run(args)
+    assert made.returncode == 0, made.stderr
+    assert (state / "tokens").read_text() == f"alice {made.stdout.decode().strip()}\n"
+
+
 def test_a_tokens_file_made_safe_by_chmod_is_taken_at_once(tmp_path: Path) -> None:
     """A running agent refuses a tokens file others may read; once `chmod 600`
     fixes it, the next hello takes it. The agent looked at the mtime only,
@@ -1108,6 +1155,35 @@ def test_serve_refuses_secrets_and_a_state_directory_others_can_reach(tmp_path: 
     assert b"chmod 600" in refused.stderr and b"a-token-of-my-own" not in refused.stderr
     with running(tmp_path, name="first") as again:  # all put back: it starts
         assert again.state_dir == state
+
+
+def test_serve_on_a_full_disk_leaves_no_half_made_state(
+    small_disk: SmallDisk, tmp_path: Path
+) -> None:
+    """A full disk at first start left an empty token file, or a key without
+    its certificate (cert.pem empty): every later start failed on them, even
+    with room again. The error named no file either."""
+    state = small_disk.path / "agent" / "state"  # where start_agent puts it
+    small_disk.fill()
+    refused = serve_once(tmp_path, "--state-dir", str(state))
+    assert refused.returncode == 255
+    assert one_line(refused) == f"tether: {state / 'token'}: No space left on device"
+    assert os.listdir(state) == []
+    small_disk.free()
+    tether.create_token_file(state)
+    small_disk.fill(leave=1)  # room for the key, not for its certificate
+    refused = serve_once(tmp_path, "--state-dir", str(state))
+    assert refused.returncode == 255
+    assert refused.stderr.decode().endswith(
+        f"cannot load the TLS certificate: {state / 'cert.pem'}: No space left on device\n"
+    ), refused.stderr
+    assert os.listdir(state) == ["token"]
+    small_disk.free()
+    with running(small_disk.path) as a:
+        assert a.tls
+        assert printed_fingerprint(a) == cert_fingerprint(state / "cert.pem")
+        ran = Cli.run(["echo", a.host, "hi"], env=a.env)
+        assert (ran.returncode, ran.stdout) == (0, b"hi\n"), ran.stderr
 
 
 # 7. Exec policy --------------------------------------------------------------------------

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import stat
 from pathlib import Path
 
 import pytest
 
+from conftest import PAGE, SmallDisk
 from tether.exceptions import UsageError
 from tether.tokens import (
     TOKEN_ENV,
+    add_token,
     create_token_file,
     default_state_dir,
     find_client_token,
+    load_tokens,
     read_token_file,
 )
 
@@ -117,6 +122,75 @@ def test_default_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert default_state_dir() == tmp_path / "home" / ".local" / "state" / "tether"
     monkeypatch.delenv("XDG_STATE_HOME")
     assert default_state_dir() == tmp_path / "home" / ".local" / "state" / "tether"
+
+
+def test_default_state_dir_needs_an_absolute_home_and_xdg_state_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``HOME= tether ...`` put the state directory under /, a relative HOME
+    or XDG_STATE_HOME under the current directory."""
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    for value in ("", "relative/home", "~"):
+        monkeypatch.setenv("HOME", value)
+        assert default_state_dir() == Path(home, ".local", "state", "tether"), value
+    monkeypatch.delenv("HOME")
+    assert default_state_dir() == Path(home, ".local", "state", "tether")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/state")  # ignored, as the XDG spec says
+    assert default_state_dir() == tmp_path / ".local" / "state" / "tether"
+
+
+def test_create_token_file_on_a_full_disk_leaves_nothing(small_disk: SmallDisk) -> None:
+    """A full disk at first start left an empty token file, and every later
+    start failed on it ("token file ... is empty")."""
+    state = small_disk.path / "state"
+    small_disk.fill()
+    with pytest.raises(OSError) as info:
+        create_token_file(state)
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(state / "token")  # the message names the file
+    assert os.listdir(state) == []  # no empty token, no temporary file
+    small_disk.free()
+    token, path, created = create_token_file(state)
+    assert created is True
+    assert read_token_file(path) == token
+    assert mode(path) == 0o600
+    assert os.listdir(state) == ["token"]
+
+
+def test_a_token_added_after_a_last_line_without_newline_is_a_line_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """It was appended to that line, which then had three fields: the new
+    token never worked and the agent refused to start."""
+    path = tmp_path / "tokens"
+    alice = "a" * 43
+    path.write_text(f"alice {alice}")
+    path.chmod(0o600)
+    bob = add_token(path, "bob")
+    assert path.read_text() == f"alice {alice}\nbob {bob}\n"
+    assert load_tokens(path) == {alice: "alice", bob: "bob"}
+
+
+def test_a_token_that_does_not_fit_on_the_disk_is_not_added_in_part(
+    small_disk: SmallDisk,
+) -> None:
+    """The disk filled up in the middle of the line: what fitted stayed, and
+    "bob AB" is a line with a token of its own, two characters long."""
+    path = small_disk.path / "tokens"
+    before = "# " + "x" * (PAGE - 9) + "\n"  # 6 bytes short of a page
+    path.write_text(before)
+    path.chmod(0o600)
+    small_disk.fill()
+    with pytest.raises(OSError) as info:
+        add_token(path, "bob")
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(path)
+    assert path.read_text() == before
+    small_disk.free()
+    bob = add_token(path, "bob")
+    assert load_tokens(path) == {bob: "bob"}
 
 
 def test_find_client_token_precedence(

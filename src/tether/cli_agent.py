@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import Seconds, fail, run_main
+from .cli import Seconds, _local_failure, fail, run_main
 
 if TYPE_CHECKING:
     import ssl
@@ -203,8 +203,10 @@ def serve(
                 log_handler.put_line(f"tether: new token written to {path}{shown}")
             else:
                 log_handler.put_line(f"tether: token in {path}")
-    except (tether.UsageError, OSError) as exc:
+    except tether.UsageError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(_one_line(exc))
     directory = Path(state_dir) if state_dir else tether.default_state_dir()
     ssl_context = None
     if not no_tcp and not insecure_plaintext:
@@ -254,7 +256,7 @@ def token_new(name: str, state_dir: str | None, tokens_file: str | None) -> None
     from pathlib import Path
 
     import tether
-    from tether.tokens import add_token
+    from tether.tokens import add_token, check_new_token_name, new_token
 
     path = (
         Path(tokens_file)
@@ -262,12 +264,22 @@ def token_new(name: str, state_dir: str | None, tokens_file: str | None) -> None
         else Path(state_dir or tether.default_state_dir()) / TOKENS_FILE_NAME
     )
     try:
-        secret = add_token(path, name)
+        check_new_token_name(path, name)
+    except tether.UsageError as exc:
+        fail(str(exc), 2)
+    secret = new_token()
+    # Printed before it is added: a token nobody received must not be live.
+    try:
+        click.echo(secret)
+        sys.stdout.flush()
+    except OSError as exc:
+        sys.exit(_local_failure(exc, f"token {name!r} not added: cannot print it"))
+    try:
+        add_token(path, name, secret)
     except tether.UsageError as exc:
         fail(str(exc), 2)
     except OSError as exc:
-        fail(f"{path}: {exc.strerror}")
-    click.echo(secret)
+        fail(f"token {name!r} not added: {_one_line(exc)}")
     click.echo(
         f"tether: token {name!r} added to {path}; give it to the client in a file or $TETHER_TOKEN",
         err=True,
@@ -306,9 +318,17 @@ def _agent_tls(
                 say.put_line(f"tether: new TLS certificate in {cert_path}")
         context = tls.server_context(cert_path, key_path)
         say.put_line(f"tether: certificate fingerprint {tls.fingerprint_of_file(cert_path)}")
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        fail(f"cannot load the TLS certificate: {_one_line(exc)}")
+    except ValueError as exc:
         fail(f"cannot load the TLS certificate: {exc}")
     return context
+
+
+def _one_line(exc: OSError) -> str:
+    """``PATH: reason``, without the "[Errno 28]" and quotes of str(exc)."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
 
 
 async def _serve(config: tether.ServerConfig, log: LineHandler) -> int:

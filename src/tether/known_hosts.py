@@ -13,6 +13,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+from .localfiles import append_line, xdg_base_directory
+
 __all__ = [
     "KnownHost",
     "add_known_host",
@@ -29,8 +31,7 @@ __all__ = [
 
 def default_known_hosts() -> str:
     """``$XDG_CONFIG_HOME/tether/known_hosts``, by default ``~/.config/tether/known_hosts``."""
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return os.path.join(base, "tether", "known_hosts")
+    return os.path.join(xdg_base_directory("XDG_CONFIG_HOME", ".config"), "tether", "known_hosts")
 
 
 def fingerprint(der: bytes) -> str:
@@ -92,13 +93,4 @@ def lookup_known_host(path: str | os.PathLike[str], host: str) -> KnownHost | No
 
 def add_known_host(path: str | os.PathLike[str], host: str, print_: str) -> None:
     """Pin ``host`` to fingerprint ``print_`` (appending a line; the file is 0600)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        size = os.fstat(fd).st_size
-        # A file edited by hand may lack its final newline: the pin must
-        # start a line of its own, not extend the last one.
-        new_line = b"" if size == 0 or os.pread(fd, 1, size - 1) == b"\n" else b"\n"
-        os.write(fd, new_line + f"{_host_key(host)} {print_}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(path, f"{_host_key(host)} {print_}")

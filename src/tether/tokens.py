@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .exceptions import UsageError
+from .localfiles import append_line, write_private_file, xdg_base_directory
 
 if TYPE_CHECKING:
     from pathlib import Path  # imported where a Path is made: not by every `tether exec`
@@ -36,10 +37,7 @@ def default_state_dir() -> Path:
     """``$XDG_STATE_HOME/tether``, by default ``~/.local/state/tether``."""
     from pathlib import Path
 
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return Path(base) / "tether"
+    return Path(xdg_base_directory("XDG_STATE_HOME", os.path.join(".local", "state"))) / "tether"
 
 
 def read_token_file(path: str | os.PathLike[str]) -> str:
@@ -94,27 +92,27 @@ def check_state_dir(directory: str | os.PathLike[str]) -> None:
 def create_token_file(state_dir: Path) -> tuple[str, Path, bool]:
     """Load the agent's token from ``state_dir``, making it on first start.
 
-    The directory is made 0700 and the file 0600, created exclusively so two
-    agents starting at once cannot overwrite each other's token.
+    The directory is made 0700 and the file 0600, written whole or not at all
+    (a full disk left an empty file, which stopped every later start) and
+    created exclusively so two agents starting at once cannot overwrite each
+    other's token.
 
     Returns:
         The token, its file, and whether it was made just now.
 
     Raises:
         UsageError: the directory or an existing token file is open to others.
+        OSError: the file cannot be made (naming it).
     """
     path = state_dir / TOKEN_FILE_NAME
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     check_state_dir(state_dir)
-    token = new_token()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        check_private(path, "token file")
-        return read_token_file(path), path, False
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(token + "\n")
-    return token, path, True
+    if not os.path.lexists(path):
+        token = new_token()
+        if write_private_file(path, (token + "\n").encode()):
+            return token, path, True
+    check_private(path, "token file")
+    return read_token_file(path), path, False
 
 
 def find_client_token(
@@ -193,8 +191,8 @@ def load_tokens(path: str | os.PathLike[str]) -> dict[str, str]:
     return tokens
 
 
-def add_token(path: str | os.PathLike[str], name: str) -> str:
-    """Make a new token called ``name`` in the tokens file (created 0600); return it.
+def check_new_token_name(path: str | os.PathLike[str], name: str) -> None:
+    """Whether a token called ``name`` may be added to the tokens file ``path``.
 
     Raises:
         UsageError: bad or duplicate name, or an unsafe existing file.
@@ -202,9 +200,17 @@ def add_token(path: str | os.PathLike[str], name: str) -> str:
     check_token_name(name)
     if os.path.exists(path) and name in load_tokens(path).values():
         raise UsageError(f"a token named {name!r} already exists in {os.fspath(path)}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-    token = new_token()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(f"{name} {token}\n")
+
+
+def add_token(path: str | os.PathLike[str], name: str, token: str | None = None) -> str:
+    """Add ``token`` (a new one if None) called ``name`` to the tokens file
+    (created 0600); return it.
+
+    Raises:
+        UsageError: bad or duplicate name, or an unsafe existing file.
+        OSError: the file cannot be written (naming it); it is then as it was.
+    """
+    check_new_token_name(path, name)
+    token = new_token() if token is None else token
+    append_line(path, f"{name} {token}")
     return token

@@ -8,6 +8,7 @@ known-hosts file, or by a CA (``--cacert``). TLS 1.3 only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -15,9 +16,11 @@ from typing import TYPE_CHECKING
 
 from ..exceptions import UsageError
 from ..known_hosts import fingerprint
+from ..localfiles import put_in_place, staged_file
 from ..tokens import check_private
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path  # the agent's: a client never imports it for TLS
 
 __all__ = ["client_context", "ensure_certificate", "fingerprint_of_file", "server_context"]
@@ -28,15 +31,67 @@ CERT_YEARS = 20  # a pinned self-signed certificate: expiry would only break pin
 
 
 def ensure_certificate(state_dir: Path) -> tuple[Path, Path, bool]:
-    """The agent's certificate and key in ``state_dir``, made on first start.
+    """The agent's certificate and key in ``state_dir``, made on first start,
+    or again when either is missing or empty.
+
+    The pair is never left half-written: both files are written in full
+    beside their names first, and the certificate, taken away first and put
+    in place last, only exists beside the key it was made with. Agents
+    starting at once take turns (a lock on the directory), so the key of one
+    cannot end up beside the certificate of another.
 
     Returns:
         The certificate path, the key path, and whether they were made now.
+
+    Raises:
+        OSError: a file cannot be written (naming it).
     """
     cert_path, key_path = state_dir / CERT_FILE, state_dir / KEY_FILE
-    if cert_path.exists() and key_path.exists():
-        check_private(key_path, "key file")  # the agent's identity: its own only
-        return cert_path, key_path, False
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _locked(state_dir):
+        if _has_content(cert_path) and _has_content(key_path):
+            check_private(key_path, "key file")  # the agent's identity: its own only
+            return cert_path, key_path, False
+        key_pem, cert_pem = _new_certificate()
+        with (
+            staged_file(key_path, key_pem) as new_key,
+            staged_file(cert_path, cert_pem) as new_cert,
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cert_path)
+            put_in_place(new_key, key_path, replace=True)
+            put_in_place(new_cert, cert_path, replace=True)
+    return cert_path, key_path, True
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (advisory, released on close)."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        # Where the file system cannot lock (NFS refuses it on a directory),
+        # start all the same: only agents starting at the same moment race.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _has_content(path: Path) -> bool:
+    """Whether ``path`` exists and is not empty: an empty file holds no
+    certificate or key (a full disk used to leave one so, stopping every
+    later start with "PEM lib")."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def _new_certificate() -> tuple[bytes, bytes]:
+    """A new ECDSA key and its self-signed certificate, both PEM."""
     # cryptography is imported only to make a certificate: clients never need
     # it, and it stays in an agent's memory (8 MiB) once loaded.
     import datetime
@@ -47,7 +102,6 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path, bool]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     host = socket.gethostname()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"tether agent {host}")])
@@ -65,16 +119,12 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path, bool]:
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_bytes = key.private_bytes(
+    key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_bytes)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path, True
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
 
 def fingerprint_of_file(cert_path: Path) -> str:
