@@ -206,3 +206,167 @@ async def test_an_unreadable_known_hosts_file_is_named(agent: Agent, tmp_path: P
         async with tether.connect(agent.host, token=agent.token, known_hosts=directory):
             pass
     assert str(info.value) == f"known hosts file {directory}: Is a directory"
+
+
+# Several tasks on one command: nothing hangs, and nothing takes output another
+# task is reading.
+
+COUNTING = ["sh", "-c", "for i in 1 2 3 4 5; do echo $i; sleep 0.05; done"]
+
+
+async def read_all(proc: tether.RemoteProcess) -> bytes:
+    return b"".join([out.data async for out in proc])
+
+
+async def test_wait_beside_a_reader_leaves_it_the_output(agent: Agent) -> None:
+    """wait() was itself a reader: beside an `async for` in another task it
+    took part of the output, and whichever of the two missed the exit frame
+    waited for ever."""
+    async with connect(agent) as conn, asyncio.timeout(BOUND):
+        proc = await conn.exec(COUNTING)
+        reader = asyncio.ensure_future(read_all(proc))
+        await asyncio.sleep(0)  # the reader is iterating before wait() starts
+        assert await proc.wait() == tether.ExitStatus(0)
+        assert await reader == b"1\n2\n3\n4\n5\n"
+
+
+async def test_a_reader_that_starts_while_wait_discards_gets_what_comes_next(
+    agent: Agent,
+) -> None:
+    async with connect(agent) as conn, asyncio.timeout(BOUND):
+        proc = await conn.exec(["sh", "-c", "sleep 0.5; echo late"])
+        waiting = asyncio.ensure_future(proc.wait())
+        await asyncio.sleep(0.1)  # wait() is waiting for a frame to discard
+        assert await read_all(proc) == b"late\n"
+        assert await waiting == tether.ExitStatus(0)
+
+
+async def test_two_readers_of_one_command_both_see_the_end(agent: Agent) -> None:
+    """Two `async for` loops over one command: the one that missed the exit
+    frame waited for ever. Between them they get all of it, each in order;
+    a reader that comes after the end gets nothing."""
+    async with connect(agent) as conn, asyncio.timeout(BOUND):
+        proc = await conn.exec(COUNTING)
+        first, second = await asyncio.gather(read_all(proc), read_all(proc))
+        assert sorted((first + second).splitlines()) == [b"1", b"2", b"3", b"4", b"5"]
+        assert proc.exit_status == tether.ExitStatus(0)
+        assert await read_all(proc) == b""
+
+        proc = await conn.exec(["sleep", "30"])
+        readers = [asyncio.ensure_future(read_all(proc)) for _ in range(2)]
+        waiting = asyncio.ensure_future(proc.wait())
+        await asyncio.sleep(0.1)
+        proc.abandon()
+        for task in (*readers, waiting):
+            with pytest.raises(tether.RemoteError) as info:
+                await task
+            assert info.value.code == "cancelled"
+
+
+# run()'s input ---------------------------------------------------------------------
+
+
+async def test_run_refuses_text_input_and_ends_when_its_feeder_fails(agent: Agent) -> None:
+    """A str input failed the task feeding stdin, unseen: the command waited for
+    its stdin for ever. Text is refused before the command starts; any other
+    failure of the feeder ends the run with that failure."""
+    async with connect(agent) as conn, asyncio.timeout(BOUND):
+        with pytest.raises(tether.UsageError, match="input must be bytes-like"):
+            await conn.run(["cat"], input="text")  # type: ignore[arg-type]
+        assert conn._wire.queues == {}  # nothing was started
+
+        view = memoryview(bytearray(b"some input"))
+        # Runs once run() has checked the input and started the command, before
+        # its feeder reads the input (in the same task: no wait_for here).
+        asyncio.get_running_loop().call_soon(view.release)
+        with pytest.raises(ValueError, match="released memoryview"):
+            await conn.run(["cat"], input=view)
+        assert conn._wire.queues == {}
+        assert (await conn.run(["cat"], input=b"still fine")).stdout == b"still fine"
+
+
+# Sending to a command ----------------------------------------------------------------
+
+
+async def test_sending_to_a_command_after_its_connection_failed_raises(tmp_path: Path) -> None:
+    """write(), close_stdin() and send_signal() returned as if done once the
+    connection had failed; to a command that simply ended they still return
+    quietly."""
+    agent = start_agent(tmp_path)
+    async with connect(agent) as conn, asyncio.timeout(BOUND):
+        ended = await conn.exec(["true"], stdin=True)
+        assert await ended.wait() == tether.ExitStatus(0)
+        running = await conn.exec(["sleep", "30"], stdin=True)
+        agent.proc.kill()
+        agent.proc.wait(BOUND)
+        with pytest.raises(tether.ConnectionClosed):
+            await running.wait()
+        with pytest.raises(tether.ConnectionClosed):
+            await running.write(b"x")
+        with pytest.raises(tether.ConnectionClosed):
+            await running.close_stdin()
+        with pytest.raises(tether.ConnectionClosed):
+            await running.send_signal("TERM")
+        await ended.write(b"x")
+        await ended.close_stdin()
+        await ended.send_signal("TERM")
+
+
+async def test_write_to_a_command_started_without_stdin_is_refused(agent: Agent) -> None:
+    async with connect(agent) as conn, asyncio.timeout(BOUND):
+        proc = await conn.exec(["cat"])
+        with pytest.raises(tether.UsageError, match="without stdin=True"):
+            await proc.write(b"dropped")
+        assert (await proc.wait()).returncode == 0
+
+
+# Bad arguments are UsageErrors, not builtin exceptions -------------------------------
+
+
+async def test_bad_arguments_are_usage_errors(agent: Agent) -> None:
+    async with connect(agent) as conn, asyncio.timeout(BOUND):
+        proc = await conn.exec(["sleep", "30"])
+        for bad in (12345, None, 1.5, True):
+            with pytest.raises(tether.UsageError):
+                await proc.send_signal(bad)  # type: ignore[arg-type]
+        await proc.send_signal(9)  # a number is this machine's signal
+        assert (await proc.wait()).signal == 9
+
+        with pytest.raises(tether.UsageError, match="cannot be sent as UTF-8"):
+            await conn.echo("\ud800")
+        with pytest.raises(tether.UsageError, match="bytes-like"):
+            await conn.echo(5)  # type: ignore[arg-type]
+        assert await conn.echo("\udcff") == "\udcff"  # surrogateescape: a byte that is not UTF-8
+        assert await conn.echo(bytearray(b"ab")) == b"ab"
+        for timeout in ("1", True):
+            with pytest.raises(tether.UsageError, match="finite number of seconds > 0"):
+                await conn.run(["true"], timeout=timeout)  # type: ignore[arg-type]
+        assert conn._wire.queues == {}
+
+
+# A connection outlives its event loop ------------------------------------------------
+
+
+def test_a_connection_whose_event_loop_ended_refuses_requests(agent: Agent) -> None:
+    """Made in one asyncio.run() and used in another, a request was written
+    through the ended loop's transport (the command ran on the agent) and then
+    hung, or raised a RuntimeError."""
+
+    async def open_connection() -> tether.Connection:
+        return await connect(agent)
+
+    conn = asyncio.run(open_connection())
+    marker = agent.root / "ran"
+
+    async def use() -> None:
+        async with asyncio.timeout(BOUND):
+            with pytest.raises(tether.ConnectionClosed, match="event loop that has ended"):
+                await conn.run(["touch", str(marker)])
+            with pytest.raises(tether.ConnectionClosed, match="event loop that has ended"):
+                await conn.echo("x")
+            await conn.close()
+            with pytest.raises(tether.ConnectionClosed, match="the connection was closed"):
+                await conn.echo("x")
+
+    asyncio.run(use())
+    assert not marker.exists()

@@ -9,6 +9,7 @@ and stops reading while too much output waits unread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import cast
 
@@ -18,6 +19,7 @@ from ..exceptions import (
     ProtocolError,
     RemoteError,
     TetherError,
+    UsageError,
 )
 from ..limits import Limits
 from ..messages import Credit, ErrorCode, HelloReply, Message
@@ -198,6 +200,42 @@ class Channel(asyncio.BufferedProtocol):
         else:
             message = "connection closed by the agent" + (f": {exc}" if exc else "")
         self._fail(ConnectionClosed(message))
+
+    def on_its_loop(self) -> bool:
+        """Whether the running event loop is the one this connection was made on."""
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:  # no loop runs at all
+            return False
+
+    def check_loop(self) -> None:
+        """Raise unless running on this connection's event loop.
+
+        Made in one ``asyncio.run()`` and used in another, a request would be
+        written through the ended loop's transport (reaching the agent, which
+        ran it) and then wait for a reply no loop will ever deliver.
+        """
+        if self.on_its_loop():
+            return
+        if self.loop.is_closed() or not self.loop.is_running():
+            raise ConnectionClosed("this connection belongs to an event loop that has ended")
+        raise UsageError("this connection belongs to the event loop of another thread")
+
+    def cut_from_elsewhere(self) -> None:
+        """Close a connection from outside its event loop, which may be closed.
+
+        Its transport cannot be used (it would schedule on that loop): the
+        socket is shut down instead, so the agent sees us gone and ends our
+        commands; the descriptor stays the transport's to close (closing it
+        here, the transport's finalizer could close a reused number).
+        """
+        self.closing = True
+        if self.error is None:
+            self.error = ConnectionClosed("the connection was closed")
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def pause_writing(self) -> None:
         self._writable.clear()

@@ -10,10 +10,11 @@ import asyncio
 import builtins
 import math
 import os
+import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
 
 from ..addresses import Address
 from ..exceptions import (
@@ -103,6 +104,14 @@ class Output:
     data: bytes
 
 
+class _Ended:
+    """Queue marker: a reader took the command's last frame (or it was
+    abandoned); every other reader waiting on the queue wakes to it."""
+
+
+_ENDED = _Ended()
+
+
 class RemoteProcess:
     """A running remote command: write its stdin, iterate over its output.
 
@@ -111,11 +120,20 @@ class RemoteProcess:
     command is ended if the block is left early.
     """
 
-    def __init__(self, conn: Connection, request_id: int, queue: asyncio.Queue[Message | Closed]):
+    def __init__(
+        self,
+        conn: Connection,
+        request_id: int,
+        queue: asyncio.Queue[Message | Closed],
+        *,
+        stdin: bool = False,
+    ) -> None:
         self._conn = conn
         self._wire = conn._wire
         self.id = request_id
-        self._queue = queue
+        # Also carries _ENDED, which only this class puts there.
+        self._queue = cast("asyncio.Queue[Message | Closed | _Ended]", queue)
+        self._stdin = stdin
         # Credit frames open it; forget() and a failed connection close it.
         self._window = self._wire.windows[request_id] = StdinWindow(conn.stdin_window)
         self.exit_status: ExitStatus | None = None
@@ -123,40 +141,79 @@ class RemoteProcess:
         # iteration or wait(), which would otherwise wait for a frame that
         # will never come.
         self._failure: Exception | None = None
+        # Set by whichever task takes the last frame: other readers and wait()
+        # learn the end from it, not from a frame that went to someone else.
+        self._ended: asyncio.Future[None] = self._wire.loop.create_future()
+        # Tasks iterating over the output, until it ends or they do: wait()
+        # leaves the output to them rather than take their frames.
+        self._readers: set[asyncio.Task[Any]] = set()
+        self._stirred: asyncio.Event | None = None  # a reader came or went, or the end
 
     def __aiter__(self) -> AsyncIterator[Output]:
         return self
 
     async def __anext__(self) -> Output:
-        if self.exit_status is not None:
-            raise StopAsyncIteration
+        if self._ended.done():
+            self._raise_end()
+        task = asyncio.current_task()
+        if task is not None and task not in self._readers:
+            self._readers.add(task)
+            task.add_done_callback(self._reader_done)
+            self._stir()
+        out = self._take(await self._queue.get())
+        if out is None:
+            self._raise_end()
+        return out
+
+    def _take(self, msg: Message | Closed | _Ended) -> Output | None:
+        """The output ``msg`` carries; None once the command has ended."""
+        if isinstance(msg, _Ended):
+            self._queue.put_nowait(msg)  # for the next reader still waiting
+            return None
+        if isinstance(msg, Closed):
+            self._end(msg.error)
+            return None
+        self._wire.consumed(msg)
+        if isinstance(msg, Stdout):
+            return Output("stdout", bytes(msg.body))
+        if isinstance(msg, Stderr):
+            return Output("stderr", bytes(msg.body))
+        if isinstance(msg, Exit):
+            self.exit_status = ExitStatus(msg.status, msg.signal, msg.signal_name, msg.timed_out)
+            self._end(None)
+        elif isinstance(msg, Error):
+            self._end(RemoteError(msg.code, msg.message))
+        else:  # only a broken agent answers an exec with anything else
+            self._end(ProtocolError(f"exec answered with {msg.OP}"))
+        return None
+
+    def _end(self, failure: Exception | None) -> None:
+        """Record how the command ended and wake everyone waiting for it."""
+        if self._ended.done():
+            return
+        self._failure = failure
+        self._forget()
+        self._queue.put_nowait(_ENDED)
+        self._ended.set_result(None)
+        for task in self._readers:
+            # A task that runs many commands must not hold every one of them.
+            task.remove_done_callback(self._reader_done)
+        self._readers.clear()
+        self._stir()
+
+    def _raise_end(self) -> NoReturn:
         if self._failure is not None:
             raise self._failure
-        while True:
-            if self.finished and self._queue.empty():
-                self._failure = RemoteError(ErrorCode.CANCELLED, "the command was abandoned")
-                raise self._failure
-            msg = await self._queue.get()
-            if isinstance(msg, Closed):
-                self._forget()
-                self._failure = msg.error
-                raise msg.error
-            self._wire.consumed(msg)
-            if isinstance(msg, Stdout):
-                return Output("stdout", bytes(msg.body))
-            if isinstance(msg, Stderr):
-                return Output("stderr", bytes(msg.body))
-            self._forget()
-            if isinstance(msg, Exit):
-                self.exit_status = ExitStatus(
-                    msg.status, msg.signal, msg.signal_name, msg.timed_out
-                )
-                raise StopAsyncIteration
-            if isinstance(msg, Error):
-                self._failure = RemoteError(msg.code, msg.message)
-            else:  # only a broken agent answers an exec with anything else
-                self._failure = ProtocolError(f"exec answered with {msg.OP}")
-            raise self._failure
+        raise StopAsyncIteration
+
+    def _reader_done(self, task: asyncio.Task[Any]) -> None:
+        self._readers.discard(task)
+        self._stir()
+
+    def _stir(self) -> None:
+        if self._stirred is not None:
+            self._stirred.set()
+            self._stirred = None
 
     def _forget(self) -> None:
         self._wire.forget(self.id)
@@ -164,19 +221,46 @@ class RemoteProcess:
     def abandon(self) -> None:
         """Give up on the command: the agent ends its process group (``cancel``)."""
         if not self.finished:
-            self._forget()
-            if self._wire.error is None:
+            self._end(RemoteError(ErrorCode.CANCELLED, "the command was abandoned"))
+            # Not through a transport whose loop has ended (it would schedule
+            # on it); the agent ends the command when that connection goes.
+            if self._wire.error is None and self._wire.on_its_loop():
                 self._wire.send(Cancel(self.id))
 
     @property
     def finished(self) -> bool:
         return self.id not in self._wire.queues
 
+    def _has_ended(self) -> bool:
+        """Whether the command has ended, so there is nothing to send it.
+
+        Raises:
+            ConnectionClosed: the connection ended before the command did
+                (or it belongs to an event loop that has ended).
+        """
+        if self.exit_status is None and self._wire.error is not None:
+            raise self._wire.error
+        if self.finished:
+            return True
+        self._wire.check_loop()
+        return False
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` to the command's stdin (in frames of at most max_body),
         waiting while the agent holds its window's worth that the command has
-        not read yet (§4.6)."""
-        view = memoryview(data).cast("B")  # counted in bytes, whatever its items
+        not read yet (§4.6). Once the command has ended, its stdin is gone and
+        the data is dropped.
+
+        Raises:
+            UsageError: the command was started without ``stdin=True``, or
+                ``data`` is not bytes-like.
+            ConnectionClosed: the connection ended first.
+        """
+        if not self._stdin:
+            raise UsageError("the command was started without stdin=True")
+        view = _byte_view(data, "write() data")
+        if self._has_ended():
+            return
         step = self._conn.max_body
         start = 0
         while start < len(view):
@@ -190,26 +274,62 @@ class RemoteProcess:
             await self._wire.drain()
 
     async def close_stdin(self) -> None:
-        """Deliver end-of-file to the command's stdin."""
-        if not self.finished:
+        """Deliver end-of-file to the command's stdin (nothing once it has ended)."""
+        if not self._has_ended():
             self._wire.send(Stdin(self.id, eof=True))
             await self._wire.drain()
 
-    async def send_signal(self, name: str) -> None:
-        """Send signal ``name`` (``"TERM"``, ``"INT"``, ...) to the command's process group."""
-        name = name.upper().removeprefix("SIG")
-        if name not in SIGNAL_NAMES:
-            raise UsageError(f"unknown signal {name!r}; one of {', '.join(sorted(SIGNAL_NAMES))}")
-        if not self.finished:
+    async def send_signal(self, sig: str | int) -> None:
+        """Send signal ``sig`` to the command's process group: a name (``"TERM"``,
+        ``"SIGINT"``...) or a number of this machine's (``signal.SIGTERM``, 15).
+        Nothing is sent once the command has ended."""
+        name = _signal_name(sig)
+        if not self._has_ended():
             self._wire.send(Signal(self.id, name))
             await self._wire.drain()
 
     async def wait(self) -> ExitStatus:
-        """Wait for the command to end, discarding output nobody read."""
-        async for _ in self:
-            pass
+        """Wait for the command to end and return how it did.
+
+        While another task iterates over the output (until it has seen the end,
+        or has itself ended), the output is left to that task; otherwise output
+        nobody reads is discarded (left queued, it would stop the connection
+        reading once 8 MiB had piled up).
+        """
+        me = asyncio.current_task()
+        while not self._ended.done():
+            if self._readers - {me}:
+                await self._stirring().wait()
+            else:
+                await self._discard_next()
+        if self._failure is not None:
+            raise self._failure
         assert self.exit_status is not None
         return self.exit_status
+
+    def _stirring(self) -> asyncio.Event:
+        """The event the next stir sets (made now: a stir before anyone waits counts)."""
+        if self._stirred is None:
+            self._stirred = asyncio.Event()
+        return self._stirred
+
+    async def _discard_next(self) -> None:
+        """Take the next frame and drop its output, unless a reader starts
+        first: the frame is then left to it."""
+        if not self._queue.empty():
+            self._take(self._queue.get_nowait())
+            return
+        getter = asyncio.ensure_future(self._queue.get())
+        stirred = asyncio.ensure_future(self._stirring().wait())
+        try:
+            await asyncio.wait((getter, stirred), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stirred.cancel()
+            # Cancelled before it took a frame, a get leaves it queued; one
+            # taken is handled here, or the last frame could be lost.
+            getter.cancel()
+            if getter.done() and not getter.cancelled():
+                self._take(getter.result())
 
     async def __aenter__(self) -> RemoteProcess:
         return self
@@ -227,6 +347,34 @@ class RemoteProcess:
             # to see, not that the clean-up failed too (the connection went).
             if et is None:
                 raise
+
+
+def _byte_view(data: Any, what: str) -> memoryview:
+    """``data`` as a view of its bytes, counted in bytes whatever its items."""
+    try:
+        return memoryview(data).cast("B")
+    except TypeError:
+        raise UsageError(
+            f"{what} must be bytes-like (bytes, bytearray, a contiguous buffer), "
+            f"not {type(data).__name__}"
+        ) from None
+
+
+def _signal_name(sig: str | int) -> str:
+    """The protocol's name of signal ``sig``, a name or a local number."""
+    if isinstance(sig, int) and not isinstance(sig, bool):
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            raise UsageError(f"unknown signal number {sig}") from None
+    elif isinstance(sig, str):
+        name = sig
+    else:
+        raise UsageError(f"a signal is a name or a number, not {sig!r}")
+    name = name.upper().removeprefix("SIG")
+    if name not in SIGNAL_NAMES:
+        raise UsageError(f"unknown signal {name!r}; one of {', '.join(sorted(SIGNAL_NAMES))}")
+    return name
 
 
 class Connection:
@@ -289,9 +437,12 @@ class Connection:
         running and frames wait unsent: those can only be for them (stdin
         the command is not reading), and the agent ends them when we are gone.
         """
+        wire = self._wire
+        if not wire.on_its_loop():
+            wire.cut_from_elsewhere()  # its transport and keepalive went with that loop
+            return
         if self._keepalive is not None:
             self._keepalive.cancel()
-        wire = self._wire
         wire.closing = True
         transport = wire.transport
         if transport is not None and not transport.is_closing():
@@ -309,6 +460,7 @@ class Connection:
     def _open(self, msg_factory: Any) -> tuple[int, asyncio.Queue[Message | Closed]]:
         if self._wire.error is not None:
             raise self._wire.error
+        self._wire.check_loop()
         request_id = self._wire.protocol.new_request_id()
         queue: asyncio.Queue[Message | Closed] = asyncio.Queue()
         self._wire.send(msg_factory(request_id))  # may refuse it (too large): nothing to undo
@@ -332,6 +484,7 @@ class Connection:
         wire = self._wire
         if wire.error is not None:
             raise wire.error
+        wire.check_loop()
         request_id = wire.protocol.new_request_id()
         waiter: asyncio.Future[Message] = wire.loop.create_future()
         wire.replies[request_id] = waiter
@@ -445,9 +598,19 @@ class Connection:
         )
 
     async def echo(self, data: str | bytes) -> str | bytes:
-        """Send ``data`` to the agent and return what came back (same type)."""
-        # surrogateescape: a command-line argument that is not UTF-8 echoes as its bytes.
-        body = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
+        """Send ``data`` to the agent and return what came back (str for str,
+        else bytes).
+
+        Raises:
+            UsageError: ``data`` is neither str nor bytes-like, or is text
+                that UTF-8 cannot carry (a lone surrogate).
+        """
+        if type(data) is bytes:
+            body = data
+        elif isinstance(data, str):
+            body = _utf8(data, "echo text")
+        else:  # bytes(5) would be five zero bytes
+            body = bytes(_byte_view(data, "echo data"))
         wire = self._wire
         msg = await self._exchange(lambda i: wire.send_echo(i, body))
         if not isinstance(msg, Ok):
@@ -481,8 +644,7 @@ class Connection:
             raise UsageError("argv must be a sequence of strings; use shell= for a command line")
         if (argv is None) == (shell is None):
             raise UsageError("give exactly one of argv and shell")
-        if timeout is not None and not 0 < timeout < math.inf:  # nan fails it too
-            raise UsageError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
+        _check_timeout(timeout)
         argv_list = list(argv) if argv is not None else None
         env_dict = dict(env) if env is not None else None
         request_id, queue = self._open(
@@ -490,7 +652,7 @@ class Connection:
                 i, argv=argv_list, shell=shell, cwd=cwd, env=env_dict, timeout=timeout, stdin=stdin
             )
         )
-        proc = RemoteProcess(self, request_id, queue)
+        proc = RemoteProcess(self, request_id, queue, stdin=stdin)
         try:
             await self._wire.drain()
         except BaseException:
@@ -505,30 +667,43 @@ class Connection:
         argv: Sequence[str] | None = None,
         *,
         shell: str | None = None,
-        input: bytes | None = None,
+        input: bytes | bytearray | memoryview | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> CommandResult:
         """Run a command to its end and collect its output.
 
-        ``input`` is sent to its stdin, followed by end-of-file.
+        ``input`` (bytes-like) is sent to its stdin, followed by end-of-file.
+        Text is refused rather than encoded: which encoding the command
+        expects is the caller's to know (the output, too, is bytes).
 
         Raises:
+            UsageError: ``input`` is not bytes-like (checked before the start).
             RemoteError: the command could not be started (``not_found``,
                 ``permission_denied``, ``forbidden``...).
             ConnectionClosed: the connection ended first.
         """
+        if input is not None:
+            _byte_view(input, "input")
         proc = await self.exec(
             argv, shell=shell, cwd=cwd, env=env, timeout=timeout, stdin=input is not None
         )
         feeder = None
         if input is not None:
             feeder = asyncio.get_running_loop().create_task(_feed(proc, input))
+            # A feeder that fails ends the run: the command would wait for the
+            # rest of its stdin for ever.
+            feeder.add_done_callback(lambda task: _abandon_on_failure(task, proc))
         out, err = bytearray(), bytearray()
         try:
             async for chunk in proc:
                 (out if chunk.stream == "stdout" else err).extend(chunk.data)
+        except TetherError:
+            # Abandoned for the feeder's failure: that is the error to see.
+            if feeder is not None and (failed := _failure(feeder)) is not None:
+                raise failed from None
+            raise
         finally:
             # Cancelled or failed before the end: the command must not run on,
             # and its output must not pile up unread on this connection.
@@ -540,6 +715,39 @@ class Connection:
         return CommandResult(bytes(out), bytes(err), proc.exit_status, self.encoding)
 
 
-async def _feed(proc: RemoteProcess, data: bytes) -> None:
+async def _feed(proc: RemoteProcess, data: bytes | bytearray | memoryview) -> None:
     await proc.write(data)
     await proc.close_stdin()
+
+
+def _abandon_on_failure(feeder: asyncio.Task[None], proc: RemoteProcess) -> None:
+    if _failure(feeder) is not None:
+        proc.abandon()
+
+
+def _failure(task: asyncio.Task[Any]) -> BaseException | None:
+    """The exception ``task`` ended with; None while it runs, or if it was cancelled."""
+    if not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
+def _check_timeout(timeout: object) -> None:
+    # A bool is an int, but True seconds is a mistake; nan fails the comparison.
+    if timeout is None:
+        return
+    if (
+        isinstance(timeout, (int, float))
+        and not isinstance(timeout, bool)
+        and 0 < timeout < math.inf
+    ):
+        return
+    raise UsageError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
+
+
+def _utf8(text: str, what: str) -> bytes:
+    # surrogateescape: a command-line argument that is not UTF-8 goes as its bytes.
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{what} cannot be sent as UTF-8: {e.reason} at {e.start}") from None
