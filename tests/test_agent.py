@@ -1232,27 +1232,40 @@ def test_cli_ping_no_agent(tether_cli: type[Cli]) -> None:
     assert took < 5, took  # not 3 x 5 s
 
 
-def test_cli_ping_interrupted_prints_its_statistics(agent: Agent) -> None:
-    """Ctrl-C ends a ping with the statistics so far, as ping(8) does."""
+def ping_interrupted(
+    host: str, *args: str, once: Callable[[subprocess.Popen[bytes]], None]
+) -> tuple[int, bytes, bytes]:
+    """``tether ping HOST ARGS``, Ctrl-C once ``once(proc)`` returns: its exit
+    code, stdout and stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tether", "ping", agent.host, "-c", "1000", "-i", "0.05"],
+        [sys.executable, "-m", "tether", "ping", host, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith(b"PING ")
-        for _ in range(3):
-            assert b"bytes from" in proc.stdout.readline()
+        once(proc)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=15)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err  # replies came: 0, as ping(8), not 130
+    return proc.returncode, out, err
+
+
+def test_cli_ping_interrupted_prints_its_statistics(agent: Agent) -> None:
+    """Ctrl-C ends a ping with the statistics so far, as ping(8) does."""
+
+    def three_replies(proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"PING ")
+        for _ in range(3):
+            assert b"bytes from" in proc.stdout.readline()
+
+    code, out, err = ping_interrupted(agent.host, "-c", "1000", "-i", "0.05", once=three_replies)
+    assert code == 0, err  # replies came: 0, as ping(8), not 130
     match = re.search(rb"^(\d+) sent, (\d+) received", out, re.M)
     assert match, out
     assert int(match[1]) >= 2 and int(match[2]) >= 2
@@ -1267,22 +1280,12 @@ def test_cli_ping_interrupted_while_it_waits_counts_that_ping() -> None:
         silent.bind(("127.0.0.1", 0))  # takes pings, answers none
         silent.settimeout(15)
         host = f"127.0.0.1:{silent.getsockname()[1]}"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tether", "ping", host, "-c", "3", "-W", "20"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        try:
-            assert silent.recv(2048).startswith(b"TPNG")  # the first ping is on its way
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=15)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == 1, err
+
+        def first_ping_on_its_way(proc: subprocess.Popen[bytes]) -> None:
+            assert silent.recv(2048).startswith(b"TPNG")
+
+        code, out, err = ping_interrupted(host, "-c", "3", "-W", "20", once=first_ping_on_its_way)
+    assert code == 1, err
     assert out.decode() == (
         f"PING {host} (udp): 16 bytes\n--- {host} ping statistics ---\n"
         "1 sent, 0 received, 100% loss\n"
