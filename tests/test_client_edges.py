@@ -241,6 +241,46 @@ async def test_a_reader_that_starts_while_wait_discards_gets_what_comes_next(
         assert await waiting == tether.ExitStatus(0)
 
 
+async def test_wait_after_a_loop_that_broke_out_gets_the_end(agent: Agent) -> None:
+    """`async for ...: break`, then wait() in another task (asyncio.wait_for
+    makes one): the task that broke out reads no more, so wait() must not
+    wait for it to. It waited for ever."""
+    async with connect(agent) as conn, asyncio.timeout(BOUND):
+        proc = await conn.exec(["sh", "-c", "echo ready; sleep 0.3; exit 3"])
+        async for _ in proc:
+            break
+        assert await asyncio.wait_for(proc.wait(), BOUND) == tether.ExitStatus(3)
+
+
+async def test_a_write_to_a_command_that_ended_returns(agent: Agent) -> None:
+    """More than the stdin window written to a command that has exited,
+    its output not read yet: the agent drops the input, and the exit frame
+    ends the window. write() waited for credit for ever."""
+    async with connect(agent) as conn, asyncio.timeout(BOUND):
+        proc = await conn.exec(["true"], stdin=True)
+        await asyncio.sleep(0.3)
+        await proc.write(bytes(conn.stdin_window + 1))
+        assert await proc.wait() == tether.ExitStatus(0)
+        proc = await conn.exec(["head", "-c", "100"], stdin=True)
+        await proc.write(bytes(3 * conn.stdin_window))
+        assert await proc.wait() == tether.ExitStatus(0)
+
+
+async def test_close_stdin_during_a_write_comes_after_all_of_it(agent: Agent) -> None:
+    """close_stdin() from another task while write() waits for credit: the
+    end-of-file went at once, the rest of the data after it was dropped by
+    the agent, and write() returned as if all was sent."""
+    async with connect(agent) as conn, asyncio.timeout(BOUND):
+        proc = await conn.exec(["sh", "-c", "sleep 0.5; wc -c"], stdin=True)
+        size = 2 * conn.stdin_window
+        writing = asyncio.ensure_future(proc.write(bytes(size)))
+        await asyncio.sleep(0.2)  # the write waits for credit
+        reading = asyncio.ensure_future(read_all(proc))
+        await proc.close_stdin()
+        await writing
+        assert int(await reading) == size
+
+
 async def test_two_readers_of_one_command_both_see_the_end(agent: Agent) -> None:
     """Two `async for` loops over one command: the one that missed the exit
     frame waited for ever. Between them they get all of it, each in order;
@@ -370,3 +410,26 @@ def test_a_connection_whose_event_loop_ended_refuses_requests(agent: Agent) -> N
 
     asyncio.run(use())
     assert not marker.exists()
+
+
+def test_a_command_whose_event_loop_ended_raises_instead_of_waiting(agent: Agent) -> None:
+    """A command started in one asyncio.run(), read or waited for in
+    another: nothing can come any more, so it is ConnectionClosed, not a
+    wait for ever."""
+
+    async def start() -> tuple[tether.Connection, tether.RemoteProcess]:
+        conn = await connect(agent)
+        return conn, await conn.exec(["sleep", "30"])
+
+    conn, proc = asyncio.run(start())
+
+    async def use() -> None:
+        async with asyncio.timeout(BOUND):
+            with pytest.raises(tether.ConnectionClosed, match="event loop that has ended"):
+                async for _ in proc:
+                    pass
+            with pytest.raises(tether.ConnectionClosed, match="event loop that has ended"):
+                await proc.wait()
+            await conn.close()
+
+    asyncio.run(use())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tether.limits import MAX_PING_LEN
-from tether.ping import (
+from tether.pingwire import (
     MIN_PING_LEN,
     PING_MAGIC,
     PONG_MAGIC,
@@ -109,3 +112,16 @@ def test_ping_round_trip(seq: int, sent_ns: int, size: int) -> None:
     pong = reply_to(encode_ping(seq, sent_ns, size))
     assert pong is not None
     assert parse_pong(pong) == Ping(seq, sent_ns)
+
+
+def test_tether_ping_stays_the_function_once_the_client_is_loaded() -> None:
+    """The core module was tether/ping.py: importing the UDP client made
+    `tether.ping` that module, so `tether.ping(address)` raised TypeError."""
+    code = (
+        "import inspect, tether, tether.asyncio.udp;"
+        "print(callable(tether.ping), inspect.ismodule(tether.ping))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["True", "False"], result

@@ -1071,6 +1071,17 @@ def test_token_new_adds_no_token_it_could_not_print(tmp_path: Path) -> None:
     made = Cli.run(args)
     assert made.returncode == 0, made.stderr
     assert (state / "tokens").read_text() == f"alice {made.stdout.decode().strip()}\n"
+    # Printed and added, only the note on stderr lost: that went well (it exited 1).
+    with open("/dev/full", "wb") as full:
+        noted = subprocess.run(
+            [*command[:-3], "bob", *command[-2:]],
+            stdout=subprocess.PIPE,
+            stderr=full,
+            stdin=subprocess.DEVNULL,
+            timeout=30,
+        )
+    assert noted.returncode == 0
+    assert f"bob {noted.stdout.decode().strip()}\n" in (state / "tokens").read_text()
 
 
 def test_a_tokens_file_made_safe_by_chmod_is_taken_at_once(tmp_path: Path) -> None:

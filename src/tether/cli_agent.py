@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .cli import Seconds, _local_failure, fail, run_main
+from .cli import Seconds, _local_failure, fail, run_main, warn
 
 if TYPE_CHECKING:
     import ssl
@@ -280,10 +280,7 @@ def token_new(name: str, state_dir: str | None, tokens_file: str | None) -> None
         fail(str(exc), 2)
     except OSError as exc:
         fail(f"token {name!r} not added: {_one_line(exc)}")
-    click.echo(
-        f"tether: token {name!r} added to {path}; give it to the client in a file or $TETHER_TOKEN",
-        err=True,
-    )
+    warn(f"token {name!r} added to {path}; give it to the client in a file or $TETHER_TOKEN")
 
 
 def _raise_open_files_limit() -> None:

@@ -22,7 +22,7 @@ from ..exceptions import (
     UsageError,
 )
 from ..limits import Limits
-from ..messages import Credit, ErrorCode, HelloReply, Message
+from ..messages import Credit, Error, ErrorCode, Exit, HelloReply, Message
 from ..protocol import ClientProtocol, ConnectionFailed, ReplyReceived
 from . import wire
 
@@ -30,6 +30,7 @@ __all__ = ["Channel", "Closed", "StdinWindow"]
 
 READ_HIGH_WATER = 8 * 1024 * 1024  # 8 MiB of unread output: stop reading the socket
 READ_LOW_WATER = 2 * 1024 * 1024  # 2 MiB: start again
+_ENDS_A_COMMAND = (Exit, Error)  # an exec's final frames
 _AUTH_CODES = frozenset({ErrorCode.AUTH_FAILED, ErrorCode.UNAUTHENTICATED, ErrorCode.HELLO_TIMEOUT})
 
 
@@ -147,6 +148,10 @@ class Channel(asyncio.BufferedProtocol):
             if self._unread > READ_HIGH_WATER and not paused and (transport := self._live()):
                 self._reading_paused = True
                 transport.pause_reading()
+        elif type(msg) in _ENDS_A_COMMAND and (window := self.windows.pop(msg.id, None)):
+            # The command has ended (§4.6): a write waiting for credit must
+            # not wait until someone reads this frame.
+            window.close()
 
     def forget(self, request_id: int) -> None:
         """Stop routing frames to a request; what it left unread no longer counts."""

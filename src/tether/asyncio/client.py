@@ -134,6 +134,9 @@ class RemoteProcess:
         # Also carries _ENDED, which only this class puts there.
         self._queue = cast("asyncio.Queue[Message | Closed | _Ended]", queue)
         self._stdin = stdin
+        # write() and close_stdin() take turns: an end-of-file sent while a
+        # write waited for credit cut the data short, and the write returned.
+        self._stdin_turn = asyncio.Lock()
         # Credit frames open it; forget() and a failed connection close it.
         self._window = self._wire.windows[request_id] = StdinWindow(conn.stdin_window)
         self.exit_status: ExitStatus | None = None
@@ -144,9 +147,10 @@ class RemoteProcess:
         # Set by whichever task takes the last frame: other readers and wait()
         # learn the end from it, not from a frame that went to someone else.
         self._ended: asyncio.Future[None] = self._wire.loop.create_future()
-        # Tasks iterating over the output, until it ends or they do: wait()
-        # leaves the output to them rather than take their frames.
-        self._readers: set[asyncio.Task[Any]] = set()
+        # Tasks waiting in __anext__ for the next frame: wait() leaves the
+        # output to them rather than take their frames. Counted only while
+        # they wait: a task that broke out of its loop reads no more.
+        self._reading = 0
         self._stirred: asyncio.Event | None = None  # a reader came or went, or the end
 
     def __aiter__(self) -> AsyncIterator[Output]:
@@ -155,12 +159,18 @@ class RemoteProcess:
     async def __anext__(self) -> Output:
         if self._ended.done():
             self._raise_end()
-        task = asyncio.current_task()
-        if task is not None and task not in self._readers:
-            self._readers.add(task)
-            task.add_done_callback(self._reader_done)
+        if self._queue.empty():
+            self._wire.check_loop()  # nothing would ever come on an ended loop
+            self._reading += 1
             self._stir()
-        out = self._take(await self._queue.get())
+            try:
+                msg = await self._queue.get()
+            finally:
+                self._reading -= 1
+                self._stir()
+        else:
+            msg = self._queue.get_nowait()
+        out = self._take(msg)
         if out is None:
             self._raise_end()
         return out
@@ -195,20 +205,12 @@ class RemoteProcess:
         self._forget()
         self._queue.put_nowait(_ENDED)
         self._ended.set_result(None)
-        for task in self._readers:
-            # A task that runs many commands must not hold every one of them.
-            task.remove_done_callback(self._reader_done)
-        self._readers.clear()
         self._stir()
 
     def _raise_end(self) -> NoReturn:
         if self._failure is not None:
             raise self._failure
         raise StopAsyncIteration
-
-    def _reader_done(self, task: asyncio.Task[Any]) -> None:
-        self._readers.discard(task)
-        self._stir()
 
     def _stir(self) -> None:
         if self._stirred is not None:
@@ -259,25 +261,28 @@ class RemoteProcess:
         if not self._stdin:
             raise UsageError("the command was started without stdin=True")
         view = _byte_view(data, "write() data")
-        if self._has_ended():
-            return
-        step = self._conn.max_body
-        start = 0
-        while start < len(view):
-            size = await self._window.take(min(step, len(view) - start))
-            if not size:
-                if self._wire.error is not None:
-                    raise self._wire.error
-                return  # the command has ended; its stdin is gone
-            self._wire.send(Stdin(self.id, body=bytes(view[start : start + size])))
-            start += size
-            await self._wire.drain()
+        async with self._stdin_turn:
+            if self._has_ended():
+                return
+            step = self._conn.max_body
+            start = 0
+            while start < len(view):
+                size = await self._window.take(min(step, len(view) - start))
+                if not size:
+                    if self._wire.error is not None:
+                        raise self._wire.error
+                    return  # the command has ended; its stdin is gone
+                self._wire.send(Stdin(self.id, body=bytes(view[start : start + size])))
+                start += size
+                await self._wire.drain()
 
     async def close_stdin(self) -> None:
-        """Deliver end-of-file to the command's stdin (nothing once it has ended)."""
-        if not self._has_ended():
-            self._wire.send(Stdin(self.id, eof=True))
-            await self._wire.drain()
+        """Deliver end-of-file to the command's stdin, after what a write()
+        still sends (nothing once the command has ended)."""
+        async with self._stdin_turn:
+            if not self._has_ended():
+                self._wire.send(Stdin(self.id, eof=True))
+                await self._wire.drain()
 
     async def send_signal(self, sig: str | int) -> None:
         """Send signal ``sig`` to the command's process group: a name (``"TERM"``,
@@ -291,14 +296,14 @@ class RemoteProcess:
     async def wait(self) -> ExitStatus:
         """Wait for the command to end and return how it did.
 
-        While another task iterates over the output (until it has seen the end,
-        or has itself ended), the output is left to that task; otherwise output
-        nobody reads is discarded (left queued, it would stop the connection
-        reading once 8 MiB had piled up).
+        While another task waits for the output in ``async for``, the output is
+        left to that task; otherwise output nobody reads is discarded (left
+        queued, it would stop the connection reading once 8 MiB had piled up).
+        So a reader that awaits something else between two pieces may lose
+        the pieces that come meanwhile to a ``wait()`` in another task.
         """
-        me = asyncio.current_task()
         while not self._ended.done():
-            if self._readers - {me}:
+            if self._reading:
                 await self._stirring().wait()
             else:
                 await self._discard_next()
@@ -319,6 +324,7 @@ class RemoteProcess:
         if not self._queue.empty():
             self._take(self._queue.get_nowait())
             return
+        self._wire.check_loop()  # nothing would ever come on an ended loop
         getter = asyncio.ensure_future(self._queue.get())
         stirred = asyncio.ensure_future(self._stirring().wait())
         try:

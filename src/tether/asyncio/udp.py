@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from ..addresses import Address
 from ..exceptions import ConnectError, UsageError
-from ..ping import encode_ping, parse_pong, reply_to
+from ..pingwire import encode_ping, parse_pong, reply_to
 
 __all__ = ["PingReply", "PingResponder", "Pings", "ping"]
 
