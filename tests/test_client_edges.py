@@ -17,6 +17,7 @@ import pytest
 import tether
 from conftest import Agent, check_clean_log, start_agent
 from tether.known_hosts import add_known_host, lookup_known_host
+from tether.limits import Limits
 
 BOUND = 10.0  # seconds any single wait below may take at the most
 
@@ -433,3 +434,29 @@ def test_a_command_whose_event_loop_ended_raises_instead_of_waiting(agent: Agent
             await conn.close()
 
     asyncio.run(use())
+
+
+@pytest.mark.parametrize("window", [1000, 65536])
+def test_a_stdin_window_smaller_than_a_pipe_buffer_still_flows(tmp_path: Path, window: int) -> None:
+    """An agent (the public Server) with a stdin window of 64 KiB or less:
+    stdin that left the pipe's buffer without the buffer ever passing its
+    high-water mark was never credited, and the writer waited for ever."""
+
+    async def main() -> None:
+        config = tether.ServerConfig(
+            token="t", port=0, udp=False, root=tmp_path, limits=Limits(stdin_window=window)
+        )
+        server = tether.Server(config)
+        await server.start()
+        port = server.addresses[0].rsplit(":", 1)[1]
+        try:
+            async with (
+                tether.connect(f"127.0.0.1:{port}", token="t", insecure_plaintext=True) as conn,
+                asyncio.timeout(BOUND * 3),
+            ):
+                result = await conn.run(["cat"], input=b"q" * 5_000_000)
+                assert result.stdout == b"q" * 5_000_000
+        finally:
+            await server.close()
+
+    tether.run(main())

@@ -3,6 +3,7 @@ drops and counts what does not fit, and gives up on a reader that is gone."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tmpfs
+from tether.audit import AuditLog
 from tether.logwriter import LineHandler
 
 LINES = 50_000  # about 550 KB of log: far more than a pipe (64 KiB) and the backlog hold
@@ -49,7 +51,7 @@ def test_a_pipe_nobody_reads_drops_lines_and_says_how_many(logger: logging.Logge
     received = bytearray()
     reader = threading.Thread(target=lambda: received.extend(read_all(read_end)))
     reader.start()
-    handler.close(30)
+    handler.finish(30)
     os.close(write_end)
     reader.join(30)
     os.close(read_end)
@@ -81,7 +83,7 @@ def test_every_line_arrives_in_order_when_the_pipe_is_read(logger: logging.Logge
     for i in range(LINES):
         logger.info("%d", i)
     handler.put_line("tether: stopped")
-    handler.close(30)
+    handler.finish(30)
     os.close(write_end)
     reader.join(30)
     os.close(read_end)
@@ -97,7 +99,7 @@ def test_a_reader_that_went_away_stops_the_writing_quietly(logger: logging.Logge
     logger.info("and on")
     os.write(write_end, b"later writes do not fail: the descriptor is /dev/null now\n")
     assert os.stat(write_end).st_rdev == os.stat(os.devnull).st_rdev
-    handler.close(1)
+    handler.finish(1)
     os.close(write_end)
 
 
@@ -109,7 +111,7 @@ def test_close_waits_only_so_long_for_a_reader_that_does_not_read(
     for i in range(LINES):
         logger.info("line %05d", i)
     started = time.monotonic()
-    handler.close(0.5)
+    handler.finish(0.5)
     handler.close()  # logging.shutdown's, at exit: no second wait
     assert time.monotonic() - started < 1.5
     os.close(read_end)  # the writer thread, blocked on the full pipe, now fails and ends
@@ -130,7 +132,7 @@ def test_close_writes_what_was_logged_just_before(logger: logging.Logger) -> Non
     read_end, write_end = os.pipe()
     handler = attach(logger, write_end)
     logger.warning("last words")
-    handler.close()
+    handler.finish()
     os.close(write_end)
     assert read_all(read_end) == b"test.logwriter last words\n"
     os.close(read_end)
@@ -159,7 +161,7 @@ def test_a_full_disk_drops_lines_until_there_is_room_again(
                 time.sleep(0.01)
             filler.unlink()
             logger.info("after the disk had room again")
-            handler.close(10)
+            handler.finish(10)
         finally:
             os.close(fd)
         text = (small / "stderr.log").read_text()
@@ -169,3 +171,61 @@ def test_a_full_disk_drops_lines_until_there_is_room_again(
     assert dropped and not handler.reader_gone
     written = len(re.findall(r"^test\.logwriter lost", text, re.M))
     assert written + sum(map(int, dropped)) >= 200
+
+
+def test_lines_dropped_while_the_disk_stays_full_are_all_counted(
+    logger: logging.Logger, tmp_path: Path
+) -> None:
+    """Ten lines lost, then the note that says so fails too, for seconds:
+    once there is room, the note still says ten. The failed note counted as
+    one line, so it said 1."""
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        fd = os.open(small / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        filler = small / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+        errors: list[OSError] = []
+        handler = LineHandler(fd, on_error=errors.append)
+        handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+        logger.addHandler(handler)
+        try:
+            for i in range(10):
+                logger.info("lost %d", i)
+            time.sleep(2.5)  # the first write and two retries of the note fail
+            assert errors
+            filler.unlink()
+            logger.info("after")
+            handler.finish(10)
+        finally:
+            os.close(fd)
+        text = (small / "stderr.log").read_text()
+    assert "tether.log 10 log lines dropped: No space left on device\n" in text, text
+    assert text.endswith("test.logwriter after\n")
+
+
+def test_a_writer_that_cannot_write_ends_once_closed() -> None:
+    """/dev/full and close(): the writer gives up at its next failure. It
+    retried for ever, at full speed (its retry pause was skipped once
+    closing), holding the descriptor."""
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        handler = LineHandler(fd)
+        handler.put_line("never written")
+        assert handler.finish(5), "the writer was still at it"
+    finally:
+        os.close(fd)
+
+
+def test_an_audit_log_closed_writes_nothing_into_the_next_file(tmp_path: Path) -> None:
+    """The audit file closed while its writer still failed: its number went
+    to the next file opened, which got the audit's records."""
+    audit = AuditLog("/dev/full")
+    audit.record("connect", peer="x")
+    audit.close()
+    victim = tmp_path / "victim"
+    fd = os.open(victim, os.O_WRONLY | os.O_CREAT, 0o600)
+    time.sleep(0.5)
+    os.close(fd)
+    assert victim.read_bytes() == b""

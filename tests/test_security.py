@@ -1589,6 +1589,44 @@ def test_connections_closed_before_their_tls_handshake_free_their_slot(tmp_path:
 
 
 @pytest.mark.timeout(60)
+def test_connections_closed_in_their_tls_handshake_stop_counting_on_the_stdlib_loop(
+    tmp_path: Path,
+) -> None:
+    """The public Server on a plain asyncio loop, whose TLS layer keeps a
+    failed handshake's connection in a reference cycle: it must stop
+    counting by the hello timeout, whenever the garbage collector runs."""
+    from tether.asyncio import tls
+
+    async def main() -> None:
+        cert, key, _ = tls.ensure_certificate(tmp_path / "state")
+        config = tether.ServerConfig(
+            token="t",
+            port=0,
+            udp=False,
+            root=tmp_path,
+            ssl_context=tls.server_context(cert, key),
+            max_unauthenticated=5,
+            hello_timeout=1.0,
+        )
+        server = tether.Server(config)
+        await server.start()
+        port = int(server.addresses[0].rsplit(":", 1)[1])
+        try:
+            for _ in range(10):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            await asyncio.sleep(1.5)  # past the hello timeout
+            fingerprint = tls.fingerprint_of_file(cert)
+            async with tether.connect(
+                f"127.0.0.1:{port}", token="t", fingerprint=fingerprint
+            ) as conn:
+                assert await conn.echo("in") == "in"
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
 def test_timed_out_connections_free_their_slot(tmp_path: Path) -> None:
     """A connection cut for its hello deadline no longer counts against
     --max-unauthenticated, even if its peer never acknowledges the close."""

@@ -54,9 +54,11 @@ class AuditLog:
 
     def close(self) -> None:
         """Write what is queued (waiting a bounded time), then close the file."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.finish():
+            # Its thread still blocks in a write (a FIFO nobody reads): the
+            # descriptor stays open with it, the agent is exiting anyway.
+            return
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -283,18 +283,24 @@ def token_new(name: str, state_dir: str | None, tokens_file: str | None) -> None
     warn(f"token {name!r} added to {path}; give it to the client in a file or $TETHER_TOKEN")
 
 
+OPEN_FILES = 65536  # the soft limit on open files the agent raises its own to
+
+
 def _raise_open_files_limit() -> None:
-    """Take the hard limit on open files as ours (Go's runtime and nginx do):
-    each connection and each command's pipes cost descriptors, and at the
-    usual soft limit of 1,024 an agent drops connections past about a
-    thousand, which libuv closes at accept without a word."""
+    """Raise the soft limit on open files towards the hard one, as Go's
+    runtime and nginx do: each connection and each command's pipes cost
+    descriptors, and at the usual soft limit of 1,024 an agent drops
+    connections past about a thousand, which libuv closes at accept without
+    a word. Not past OPEN_FILES: commands inherit it (restoring it for them
+    would cost the spawn its vfork), and some programs loop up to it."""
     import contextlib
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit: keep ours
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _agent_tls(

@@ -82,8 +82,9 @@ class LineHandler(logging.Handler):
         self._on_error = on_error
         self._lines: collections.deque[bytes] = collections.deque()
         self._queued = 0  # bytes in _lines
-        self._dropped = 0  # lines dropped since the last that was written
-        self._why = KEPT_UP  # why they were
+        self._dropped = 0  # lines dropped since the last batch: the backlog was full
+        self._lost = 0  # lines of failed writes, and why: said before the next lines
+        self._lost_why = ""
         self._failing = False  # the last write failed
         self._closing = False
         self._gone = False  # the reader went away (EPIPE...): nothing more is written
@@ -116,7 +117,8 @@ class LineHandler(logging.Handler):
             self._ready.notify()
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        while (next_batch := self._next_batch()) is not None:
+            batch, lines = next_batch
             try:
                 write_fully(self._fd, batch)
             except OSError as exc:
@@ -124,19 +126,21 @@ class LineHandler(logging.Handler):
                     self._on_error(exc)
                 self._failing = True
                 if exc.errno in _FOR_GOOD:
-                    # Later writes (the interpreter's last flush of
-                    # sys.stderr among them) must not fail on it either.
-                    silence(self._fd)
+                    if exc.errno == errno.EPIPE:
+                        # Later writes (the interpreter's last flush of
+                        # sys.stderr among them) must not fail on it either.
+                        silence(self._fd)
                     with self._ready:
                         self._gone = True
                         self._lines.clear()
-                        self._dropped = 0
+                        self._dropped = self._lost = 0
                     return
                 with self._ready:
-                    self._dropped += batch.count(b"\n")  # as much of it as counts
-                    self._why = exc.strerror or str(exc)
-                if not self._closing:
-                    time.sleep(RETRY)
+                    self._lost += lines  # a note of N lines stands for N
+                    self._lost_why = exc.strerror or str(exc)
+                    if self._closing:
+                        return  # no retrying for ever after close()
+                time.sleep(RETRY)
                 continue
             self._failing = False
             if not self._closing:
@@ -147,20 +151,26 @@ class LineHandler(logging.Handler):
                 # goes out at once.
                 time.sleep(GATHER)
 
-    def _next_batch(self) -> bytes | None:
-        """What is queued, once there is something; None once closed and written."""
+    def _next_batch(self) -> tuple[bytes, int] | None:
+        """What is queued and how many lines it stands for, once there is
+        something; None once closed and written."""
         with self._ready:
-            while not self._lines and not self._dropped and not self._closing:
+            while not (self._lines or self._dropped or self._lost or self._closing):
                 self._ready.wait()
-            if not self._lines and not self._dropped:
+            if not (self._lines or self._dropped or self._lost):
                 return None  # closing, and everything is written
             lines, self._lines, self._queued = self._lines, collections.deque(), 0
             dropped, self._dropped = self._dropped, 0
-            why, self._why = self._why, KEPT_UP
-        if dropped:
-            note = self._describe_drop(dropped, why)
-            lines.append((note + "\n").encode("utf-8", "backslashreplace"))
-        return b"".join(lines)
+            lost, self._lost = self._lost, 0
+        count = len(lines) + dropped + lost
+        if lost:  # before: they came before anything queued now
+            lines.appendleft(self._note(lost, self._lost_why))
+        if dropped:  # after: the backlog was full after these lines
+            lines.append(self._note(dropped, KEPT_UP))
+        return b"".join(lines), count
+
+    def _note(self, count: int, why: str) -> bytes:
+        return (self._describe_drop(count, why) + "\n").encode("utf-8", "backslashreplace")
 
     def _dropped_record(self, count: int, why: str) -> str:
         record = logging.makeLogRecord(
@@ -174,16 +184,25 @@ class LineHandler(logging.Handler):
         )
         return self.format(record)
 
-    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+    def close(self) -> None:
+        """:meth:`finish`, as ``logging.shutdown`` calls it at exit."""
+        self.finish()
+
+    def finish(self, timeout: float = CLOSE_TIMEOUT) -> bool:
         """Stop taking lines; wait up to ``timeout`` seconds for the queued
         ones to be written (a stderr nobody reads must not hold the exit).
-        Called again (``logging.shutdown`` at exit), it does not wait again."""
+        Called again, it does not wait again.
+
+        Returns whether the writer is done with the descriptor: until then
+        it must not be closed (its number could go to another file).
+        """
         with self._ready:
             first, self._closing = not self._closing, True
             self._ready.notify()
         if first:
             self._thread.join(timeout)
         super().close()
+        return not self._thread.is_alive()
 
 
 def silence(fd: int) -> None:

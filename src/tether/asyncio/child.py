@@ -73,6 +73,11 @@ class Child:
         loop = self._loop
         if self.proc.stdin is not None:
             stdin, _ = await loop.connect_write_pipe(lambda: _Pipe(self, 0), self.proc.stdin)
+            # Every drain of its buffer is reported (resume_writing), not only
+            # one from above 64 KiB: stdin is credited back to the client as it
+            # leaves the buffer (§4.6), and a window of 64 KiB or less would
+            # otherwise wait for credit that never came.
+            stdin.set_write_buffer_limits(high=0)
             self.pipes[0] = stdin
         for fd, pipe in ((1, self.proc.stdout), (2, self.proc.stderr)):
             transport, _ = await loop.connect_read_pipe(functools.partial(_Pipe, self, fd), pipe)

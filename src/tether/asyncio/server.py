@@ -129,12 +129,16 @@ class Server:
         self._hurry = asyncio.Event()  # a second stop: no grace for running requests
         self._unix_bound: tuple[str, int, int] | None = None  # path, st_dev, st_ino
         self.unauthenticated: set[ServerConnection] = set()
-        # Accepted, TLS handshake not done. A failed handshake never reaches
-        # the connection, but the TLS layer lets go of it when the socket
-        # closes, and nothing else holds it: weak references, so a port
+        # Accepted, TLS handshake not done, and when. A failed handshake
+        # never reaches the connection, but the TLS layer lets go of it when
+        # the socket closes: weak references, so under uvloop a port
         # scanner's connect-and-close stops counting at once (held until the
-        # hello timeout, 64 of them locked every client out).
-        self.handshaking: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
+        # hello timeout, 10 probes locked every client out). The stdlib
+        # loop's TLS layer holds it in a reference cycle, freed by the
+        # garbage collector whenever: the hello timeout still bounds that.
+        self.handshaking: weakref.WeakKeyDictionary[ServerConnection, float] = (
+            weakref.WeakKeyDictionary()
+        )
         self.execs = 0
         self.policy = ExecPolicy(config.allow_exec, tuple(config.allow))
         self.audit = AuditLog(config.audit_log)
@@ -177,6 +181,9 @@ class Server:
 
     def authenticating(self) -> int:
         """Connections not yet authenticated, including this one and TLS handshakes."""
+        expired = time.monotonic() - self.config.hello_timeout
+        for conn in [c for c, since in self.handshaking.items() if since < expired]:
+            del self.handshaking[conn]
         return len(self.unauthenticated) + len(self.handshaking) + 1
 
     def track(self, task: asyncio.Task[Any]) -> None:

@@ -89,7 +89,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         # Made at accept time, before a TLS handshake: from now on this
         # connection counts as unauthenticated.
         self.server = server
-        server.handshaking.add(self)
+        server.handshaking[self] = time.monotonic()
         self.protocol = ServerProtocol(server.config.limits)
         self.protocol.answer_echo = not server.stopping
         # Large bodies (a put's data) are read straight into their own buffer.
@@ -133,7 +133,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             _enable_keepalive(sock)
             self.address_key = str(peer[0])
         server = self.server
-        server.handshaking.discard(self)
+        server.handshaking.pop(self, None)
         server.connections.add(self)
         server.audit.record(
             "connect", peer=self.peer, tls=transport.get_extra_info("ssl_object") is not None
