@@ -1275,6 +1275,29 @@ def test_cli_ping_interrupted_prints_its_statistics(agent: Agent) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_cli_ping_shows_its_ping_line_before_the_first_reply() -> None:
+    """A host that answers nothing, -W 5: the PING line comes at once, as
+    ping(8)'s does; it waited for the first outcome, 5 s."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{silent.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether", "ping", host, "-c", "1", "-W", "5"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert proc.stdout is not None
+            started = time.monotonic()
+            assert proc.stdout.readline().startswith(b"PING ")
+            assert time.monotonic() - started < 3
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(30)
 def test_cli_ping_interrupted_while_it_waits_counts_that_ping() -> None:
     """A ping sent and not yet answered when Ctrl-C comes was sent: "1 sent",
     and, no reply having come, exit 1 (not 130), as ping(8)."""

@@ -901,11 +901,22 @@ async def _ping(host: str, count: int, interval: float, wait: float, size: int) 
     pings = tether.ping(address, count=count, interval=interval, timeout=wait, size=size)
     rtts: list[float] = []
     outcomes = 0
+    shown = False
+
+    def show_header() -> None:
+        # At the first outcome, which tells which of the host's addresses
+        # answers (one that refuses gives way to the next within moments),
+        # or soon after the first ping went, as ping(8) shows it at once.
+        nonlocal shown
+        if not shown and pings.peer is not None:
+            shown = True
+            click.echo(_ping_header(address, pings.peer, size))
+
+    header_timer = asyncio.get_running_loop().call_later(HEADER_AFTER, show_header)
     try:
         async for reply in pings:
             outcomes += 1
-            if outcomes == 1:  # the first outcome tells which of the host's addresses answers
-                click.echo(_ping_header(address, reply.peer, size))
+            show_header()
             if reply.refused:
                 click.echo(f"seq={reply.seq}: port unreachable: nothing listens on {address} (udp)")
             elif reply.rtt is None:
@@ -917,10 +928,14 @@ async def _ping(host: str, count: int, interval: float, wait: float, size: int) 
                     f"seq={reply.seq} time={reply.rtt * 1000:.3f} ms"
                 )
     except asyncio.CancelledError:  # Ctrl-C: the statistics so far, exit code and all, as ping(8)
-        if not outcomes and pings.peer is not None:  # the first ping is still on its way
-            click.echo(_ping_header(address, pings.peer, size))
+        show_header()  # the first ping may still be on its way
+    finally:
+        header_timer.cancel()
     _ping_statistics(address, pings.sent, rtts)
     return 0 if rtts else 1
+
+
+HEADER_AFTER = 0.2  # seconds after which ping shows its PING line, reply or not
 
 
 def _ping_header(address: tether.Address, peer: str, size: int) -> str:
