@@ -193,6 +193,17 @@ def test_a_token_that_does_not_fit_on_the_disk_is_not_added_in_part(
     assert load_tokens(path) == {bob: "bob"}
 
 
+def test_a_token_file_that_could_not_be_made_is_not_left_empty(small_disk: SmallDisk) -> None:
+    """No tokens file, and no room for its first line: as it was is no file
+    at all (an empty one was left behind)."""
+    path = small_disk.path / "tokens"
+    small_disk.fill()
+    with pytest.raises(OSError) as info:
+        add_token(path, "bob")
+    assert info.value.errno == errno.ENOSPC
+    assert not path.exists()
+
+
 def test_find_client_token_precedence(
     no_token_sources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

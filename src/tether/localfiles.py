@@ -80,7 +80,10 @@ def append_line(path: str | os.PathLike[str], line: str) -> None:
     Raises:
         OSError: naming ``path``; the file is then as it was.
     """
+    from .logwriter import write_fully
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    existed = os.path.exists(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         size = os.fstat(fd).st_size
@@ -88,20 +91,17 @@ def append_line(path: str | os.PathLike[str], line: str) -> None:
         # start a line of its own, not extend the last one.
         new_line = b"" if size == 0 or os.pread(fd, 1, size - 1) == b"\n" else b"\n"
         try:
-            _write_all(fd, new_line + line.encode() + b"\n")
+            write_fully(fd, new_line + line.encode() + b"\n")
         except OSError as exc:
             # A full disk may have taken part of the line: "name tok" would
             # be a token of its own, and a short one.
             os.ftruncate(fd, size)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # made here for nothing: as it was is absent
             raise _naming(exc, path) from None
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 @contextlib.contextmanager
@@ -114,6 +114,8 @@ def staged_file(path: str | os.PathLike[str], data: bytes) -> Iterator[str]:
     """
     import tempfile  # the agent's: a client writes no whole files
 
+    from .logwriter import write_fully
+
     directory, name = os.path.split(os.path.abspath(path))
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
@@ -122,7 +124,7 @@ def staged_file(path: str | os.PathLike[str], data: bytes) -> Iterator[str]:
     try:
         try:
             try:
-                _write_all(fd, data)
+                write_fully(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
