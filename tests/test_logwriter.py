@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -138,37 +139,60 @@ def test_close_writes_what_was_logged_just_before(logger: logging.Logger) -> Non
     os.close(read_end)
 
 
+@dataclass
+class FullDisk:
+    handler: LineHandler
+    errors: list[OSError]  # what on_error heard
+    filler: Path  # remove it to make room
+    log: Path  # the file the handler writes
+
+
+@contextlib.contextmanager
+def logging_to_a_full_disk(
+    logger: logging.Logger, tmp_path: Path, room: int = 0
+) -> Iterator[FullDisk]:
+    """``logger`` logging through a LineHandler into a file of a 64 KiB
+    tmpfs filled up but for about ``room`` bytes."""
+    with tmpfs(tmp_path / "small", "size=64k") as small:
+        filler = small / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+        os.truncate(filler, max(0, filler.stat().st_size - room))
+        log = small / "stderr.log"
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        errors: list[OSError] = []
+        handler = LineHandler(fd, on_error=errors.append)
+        handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+        logger.addHandler(handler)
+        try:
+            yield FullDisk(handler, errors, filler, log)
+        finally:
+            os.close(fd)
+
+
 def test_a_full_disk_drops_lines_until_there_is_room_again(
     logger: logging.Logger, tmp_path: Path
 ) -> None:
     """stderr to a file on a full disk: the lines that could not be written
     are counted, and said once there is room. One ENOSPC silenced stderr
     for the rest of the agent's life."""
-    with tmpfs(tmp_path / "small", "size=64k") as small:
-        filler = small / "filler"
-        filler.write_bytes(b"x" * 60 * 1024)
-        fd = os.open(small / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        errors: list[OSError] = []
-        handler = LineHandler(fd, on_error=errors.append)
-        handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
-        logger.addHandler(handler)
-        try:
-            for i in range(200):
-                logger.info("lost %03d %s", i, "x" * 60)
-            deadline = time.monotonic() + 10
-            while not errors:
-                assert time.monotonic() < deadline, "no write failed"
-                time.sleep(0.01)
-            filler.unlink()
-            logger.info("after the disk had room again")
-            handler.finish(10)
-        finally:
-            os.close(fd)
-        text = (small / "stderr.log").read_text()
-    assert [exc.errno for exc in errors] == [errno.ENOSPC]  # said once per spell
+    with logging_to_a_full_disk(logger, tmp_path, room=4096) as disk:
+        for i in range(200):
+            logger.info("lost %03d %s", i, "x" * 60)
+        deadline = time.monotonic() + 10
+        while not disk.errors:
+            assert time.monotonic() < deadline, "no write failed"
+            time.sleep(0.01)
+        disk.filler.unlink()
+        logger.info("after the disk had room again")
+        disk.handler.finish(10)
+        text = disk.log.read_text()
+    assert [exc.errno for exc in disk.errors] == [errno.ENOSPC]  # said once per spell
     assert "test.logwriter after the disk had room again" in text
     dropped = re.findall(r"tether\.log (\d+) log lines dropped: No space left on device", text)
-    assert dropped and not handler.reader_gone
+    assert dropped and not disk.handler.reader_gone
     written = len(re.findall(r"^test\.logwriter lost", text, re.M))
     assert written + sum(map(int, dropped)) >= 200
 
@@ -179,28 +203,15 @@ def test_lines_dropped_while_the_disk_stays_full_are_all_counted(
     """Ten lines lost, then the note that says so fails too, for seconds:
     once there is room, the note still says ten. The failed note counted as
     one line, so it said 1."""
-    with tmpfs(tmp_path / "small", "size=64k") as small:
-        fd = os.open(small / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        filler = small / "filler"
-        with contextlib.suppress(OSError), filler.open("wb") as f:
-            while True:
-                f.write(b"x" * 4096)
-                f.flush()
-        errors: list[OSError] = []
-        handler = LineHandler(fd, on_error=errors.append)
-        handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
-        logger.addHandler(handler)
-        try:
-            for i in range(10):
-                logger.info("lost %d", i)
-            time.sleep(2.5)  # the first write and two retries of the note fail
-            assert errors
-            filler.unlink()
-            logger.info("after")
-            handler.finish(10)
-        finally:
-            os.close(fd)
-        text = (small / "stderr.log").read_text()
+    with logging_to_a_full_disk(logger, tmp_path) as disk:
+        for i in range(10):
+            logger.info("lost %d", i)
+        time.sleep(2.5)  # the first write and two retries of the note fail
+        assert disk.errors
+        disk.filler.unlink()
+        logger.info("after")
+        disk.handler.finish(10)
+        text = disk.log.read_text()
     assert "tether.log 10 log lines dropped: No space left on device\n" in text, text
     assert text.endswith("test.logwriter after\n")
 
