@@ -460,3 +460,24 @@ def test_a_stdin_window_smaller_than_a_pipe_buffer_still_flows(tmp_path: Path, w
             await server.close()
 
     tether.run(main())
+
+
+def test_a_unix_socket_that_answers_no_hello_gives_no_tls_hint(tmp_path: Path) -> None:
+    """Something on a Unix socket that closes at once: the error must not
+    tell to drop --insecure-plaintext, which was never given (Unix sockets
+    are always plaintext). It did."""
+    path = tmp_path / "mute.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        async def main() -> None:
+            with pytest.raises(tether.TetherError) as info:
+                async with asyncio.timeout(BOUND):
+                    await asyncio.gather(
+                        tether.connect(f"unix:{path}", token="t"),
+                        asyncio.to_thread(lambda: listener.accept()[0].close()),
+                    )
+            assert "insecure-plaintext" not in str(info.value)
+
+        asyncio.run(main())

@@ -165,8 +165,8 @@ async def _open_connection(
             try:
                 hello = await wire.hello
             except (ProtocolError, ConnectionClosed) as exc:
-                if use_tls:
-                    raise
+                if use_tls or address.is_unix:
+                    raise  # the hint below is for a TCP agent that speaks TLS
                 raise ConnectError(
                     f"cannot connect to {address}: no tether hello came back ({exc}); "
                     "if the agent uses TLS (the default), drop --insecure-plaintext"
