@@ -13,7 +13,13 @@ __all__ = ["TransferBars"]
 
 
 class TransferBars:
-    """One bar per file plus a total, fed by the API's ``progress`` callback.
+    """A bar for the file being copied plus, for a tree, a total, fed by the
+    API's ``progress`` callback; each finished file of a tree leaves its bar
+    for a line above the bars, as scp prints one line per file.
+
+    One bar per file kept for the whole copy made every redraw longer than
+    the last: a tree of 1,000 small files took minutes on a terminal where
+    ``-q`` took a second.
 
     Shown only when stderr is a terminal and ``quiet`` is false: in a pipe or
     a log, ``tether cp`` prints nothing but errors.
@@ -21,8 +27,11 @@ class TransferBars:
 
     def __init__(self, *, quiet: bool, total: int | None = None) -> None:
         self.enabled = not quiet and sys.stderr.isatty()
-        self._tasks: dict[str, Any] = {}
-        self._done: dict[str, int] = {}
+        self._path: str | None = None  # the file being copied
+        self._name = ""
+        self._task: Any = None
+        self._done = 0  # of the file being copied
+        self._finished = 0  # bytes of the files before it
         self._total_task: Any = None
         self._total = total
         self._progress: Any = None
@@ -60,18 +69,27 @@ class TransferBars:
 
     def __call__(self, path: str, done: int, total: int) -> None:
         """The ``progress(path, done, total)`` callback of get/put."""
-        if self._progress is None:
+        progress = self._progress
+        if progress is None:
             return
-        task = self._tasks.get(path)
-        if task is None:
-            name = os.path.basename(path.rstrip("/")) or path
-            task = self._progress.add_task(printable(name), total=total)
-            self._tasks[path] = task
-            if len(self._tasks) == 2 and self._total_task is None:
-                # A second file: it is a tree, show the sum too.
-                self._total_task = self._progress.add_task("total", total=self._total)
-                self._progress.update(self._total_task, completed=sum(self._done.values()))
-        self._progress.update(task, completed=done, total=total)
-        self._done[path] = done
+        if path != self._path:
+            if self._path is not None:
+                self._leave_a_line()
+                if self._total_task is None:  # a second file: it is a tree, show the sum too
+                    self._total_task = progress.add_task("total", total=self._total)
+            self._path = path
+            self._name = printable(os.path.basename(path.rstrip("/")) or path)
+            self._task = progress.add_task(self._name, total=total)
+        progress.update(self._task, completed=done, total=total)
+        self._done = done
         if self._total_task is not None:
-            self._progress.update(self._total_task, completed=sum(self._done.values()))
+            progress.update(self._total_task, completed=self._finished + done)
+
+    def _leave_a_line(self) -> None:
+        from rich.filesize import decimal
+        from rich.text import Text
+
+        self._progress.remove_task(self._task)
+        self._finished += self._done
+        # Text, not a string: a file name is not markup either.
+        self._progress.console.print(Text(f"{self._name}  {decimal(self._done)}"))
