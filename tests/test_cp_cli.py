@@ -1521,6 +1521,47 @@ def test_cp_r_lost_connection_exits_255_after_failed_entries(tmp_path: Path) -> 
     assert len(lines) == 2 and "connection closed" in lines[1], lines
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("direction", ["put", "get"])
+def test_a_tree_copied_into_an_existing_directory_leaves_its_mode_alone(
+    agent: Agent, tmp_path: Path, direction: str
+) -> None:
+    """Merging a tree into a directory others read (0755): while the copy
+    runs, it keeps its mode. It was set to 0700 for the copy (a web server
+    reading it was denied everything), and stayed so if the copy stopped."""
+    source_parent = (agent.root if direction == "get" else tmp_path) / "from"
+    (source_parent / "site").mkdir(parents=True)
+    write_random(source_parent / "site" / "big.bin", 16 * MiB)
+    (source_parent / "site").chmod(0o755)
+    dest_parent = (tmp_path if direction == "get" else agent.root) / "www"
+    (dest_parent / "site").mkdir(parents=True)
+    (dest_parent / "site").chmod(0o755)
+    with Proxy(agent, rate=8e6) as slow:  # about 2 s
+        if direction == "put":
+            args = ["cp", "-q", "-r", str(source_parent / "site"), f"{slow.host}:www/"]
+        else:
+            args = ["cp", "-q", "-r", f"{slow.host}:from/site", str(dest_parent)]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether", *args],
+            env=agent.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        modes = set()
+        try:
+            while proc.poll() is None:
+                modes.add(stat.S_IMODE(os.stat(dest_parent / "site").st_mode))
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert modes == {0o755}, [oct(m) for m in modes]
+    assert_same_file(dest_parent / "site" / "big.bin", source_parent / "site" / "big.bin")
+
+
 # 7. Progress bars on a terminal ---------------------------------------------------------
 
 
@@ -1651,7 +1692,7 @@ def test_progress_bars_for_a_tree_of_many_files_keep_up(
     assert "tether-exit=0" in final, final
     assert snapshot(agent.root / "many") == snapshot(top)
     assert re.search(r"^f398  4 bytes", final, re.M), final  # the lines of finished files
-    assert re.search(r"total\b.*bytes", final), final
+    assert re.search(r"total\b.*1.5/1.5 kB", final), final
 
 
 def test_names_in_progress_bars_are_shown_as_they_are_not_obeyed(

@@ -477,7 +477,9 @@ async def put_tree(
             raise error_from_os(exc, local_dir) from None
         # Writable until its own mode is set, last; the top marked unfinished.
         top = not dirs
-        await mkdir(conn, remote_dir, UNFINISHED_TREE_MODE if top and copy.fresh else 0o700)
+        await _writable_remote_dir(
+            conn, remote_dir, UNFINISHED_TREE_MODE if top and copy.fresh else 0o700
+        )
         dirs.append((remote_dir, st))
         for entry in entries:
             target = _join(remote_dir, entry.name)
@@ -499,6 +501,24 @@ async def put_tree(
             with copy.entry(remote_dir):
                 await setattr_path(conn, remote_dir, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
     return copy.outcome()
+
+
+async def _writable_remote_dir(conn: Connection, path: str, mode_if_made: int) -> None:
+    """Make the directory ``path`` with ``mode_if_made``; one that exists
+    only gains what its owner needs to write into it. Set to 0700, a
+    directory a web server reads denied it every file for the whole copy,
+    and for good once a copy stopped half way."""
+    try:
+        info = await stat_path(conn, path)
+    except RemoteError as exc:
+        if exc.code != ErrorCode.NOT_FOUND:
+            raise
+        await mkdir(conn, path, mode_if_made)
+        return
+    if not info.is_dir:
+        await mkdir(conn, path)  # the agent says what it is instead (not_a_directory)
+    elif info.mode & 0o700 != 0o700:
+        await setattr_path(conn, path, stat.S_IMODE(info.mode) | 0o700)
 
 
 async def _fresh_remote(conn: Connection, path: str) -> bool:
@@ -552,16 +572,20 @@ async def get_tree(
         try:
             try:
                 os.mkdir(local_dir, 0o700)
+                # Writable until its own mode is set, last; the top marked
+                # unfinished (chmod: mkdir's mode is filtered by the umask).
+                os.chmod(local_dir, UNFINISHED_TREE_MODE if not dirs and copy.fresh else 0o700)
             except FileExistsError:
-                if os.path.islink(local_dir) or not os.path.isdir(local_dir):
+                st = os.lstat(local_dir)
+                if not stat.S_ISDIR(st.st_mode):
                     raise TransferError(
                         ErrorCode.NOT_A_DIRECTORY, f"{local_dir}: exists and is not a directory"
                     ) from None
-            # As the agent's mkdir does for a put: writable until its own mode
-            # is set, last (an existing one too: a read-only directory that an
-            # unfinished copy already gave its mode must take files again);
-            # the top marked unfinished.
-            os.chmod(local_dir, UNFINISHED_TREE_MODE if not dirs and copy.fresh else 0o700)
+                # As for a put: only what its owner needs to write into it (a
+                # read-only one that an unfinished copy already gave its mode
+                # must take files again); nothing taken from others.
+                if st.st_mode & 0o700 != 0o700:
+                    os.chmod(local_dir, stat.S_IMODE(st.st_mode) | 0o700)
         except OSError as exc:
             raise error_from_os(exc, local_dir) from None
         dirs.append((local_dir, info))
