@@ -1562,6 +1562,35 @@ def test_a_tree_copied_into_an_existing_directory_leaves_its_mode_alone(
     assert_same_file(dest_parent / "site" / "big.bin", source_parent / "site" / "big.bin")
 
 
+@pytest.mark.parametrize("direction", ["put", "get"])
+def test_names_of_up_to_255_bytes_and_names_of_partial_files_are_copied(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path, direction: str
+) -> None:
+    """A name of 250 bytes (a file and a link) could not be copied at all:
+    its partial file's name went over the 255 bytes a name may have. And a
+    real file named like the partial file of another, `.f.tether-part`, was
+    taken over by the copy of `f` and lost, exit 0."""
+    source = (agent.root if direction == "get" else tmp_path) / "names"
+    source.mkdir()
+    long = "n" * 250
+    (source / long).write_bytes(b"long")
+    (source / ("l" * 250)).symlink_to(long)
+    (source / "f").write_bytes(b"real f")
+    (source / ".f.tether-part").write_bytes(b"keep me")
+    if direction == "put":
+        args, dest = [str(source), f"{agent.host}:copied"], agent.root / "copied"
+    else:
+        args, dest = [f"{agent.host}:names", str(tmp_path / "copied")], tmp_path / "copied"
+    assert_silent_success(tether_cli.run(["cp", "-q", "-r", *args], env=agent.env))
+    assert snapshot(dest) == snapshot(source)
+    if direction == "put":  # and one file alone
+        args, dest = [str(source / long), f"{agent.host}:one"], agent.root / "one"
+    else:
+        args, dest = [f"{agent.host}:names/{long}", str(tmp_path / "one")], tmp_path / "one"
+    assert_silent_success(tether_cli.run(["cp", "-q", *args], env=agent.env))
+    assert dest.read_bytes() == b"long"
+
+
 # 7. Progress bars on a terminal ---------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ test over arbitrary paths built from the components that make escapes.
 
 from __future__ import annotations
 
+import os
 import posixpath
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tether import RemoteError
-from tether.paths import confine, is_within
+from tether.paths import confine, is_within, link_temp_name, looks_partial, partial_name
 
 ROOT = "/srv/root"
 
@@ -236,3 +237,18 @@ def test_confine_on_arbitrary_text(requested: str) -> None:
     assert is_within(ROOT, path)
     assert ".." not in path.split("/")
     path.encode("utf-8", "surrogateescape")  # a name the OS can hold
+
+
+@pytest.mark.parametrize("name", ["f", "n" * 242, "n" * 243, "n" * 255, "é" * 127, "\udcff" * 255])
+def test_names_beside_a_file_are_file_names_too(name: str) -> None:
+    """A partial file's or a link's temporary name fits in 255 bytes for any
+    name that does, is the same each time (a resume finds it), and differs
+    between names; short names keep their readable form."""
+    for made in (partial_name(name), link_temp_name(name)):
+        assert len(os.fsencode(made)) <= 255 and "/" not in made
+    assert partial_name(name) == partial_name(name)
+    assert partial_name(name) != partial_name(name + "x") or len(os.fsencode(name)) >= 255
+    if len(os.fsencode(name)) <= 242:
+        assert partial_name(name) == f".{name}.tether-part"
+        assert link_temp_name(name) == f"{name}.tether-link"
+    assert looks_partial(partial_name(name))

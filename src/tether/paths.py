@@ -9,6 +9,8 @@ Both answers must be yes.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import posixpath
 import stat
 
@@ -16,16 +18,21 @@ from .exceptions import RemoteError
 from .messages import ErrorCode, is_os_string
 
 __all__ = [
+    "LINK_SUFFIX",
     "PARTIAL_SUFFIX",
     "UNFINISHED_TREE_MODE",
     "confine",
     "is_unfinished_tree",
     "is_within",
+    "link_temp_name",
+    "looks_partial",
     "outside_root",
     "partial_name",
 ]
 
 PARTIAL_SUFFIX = ".tether-part"
+LINK_SUFFIX = ".tether-link"
+NAME_MAX = 255  # bytes in one file name (Linux, and most file systems)
 
 # The mode of the top directory a tree copy has made, until the copy has
 # copied everything: the sticky bit on a private directory, which nobody sets
@@ -43,7 +50,27 @@ def is_unfinished_tree(mode: int) -> bool:
 def partial_name(name: str) -> str:
     """The hidden name, beside ``name``, under which a transfer to ``name``
     collects its bytes until they are verified (and keeps them for a resume)."""
-    return "." + name + PARTIAL_SUFFIX
+    return _beside("." + name, PARTIAL_SUFFIX)
+
+
+def link_temp_name(name: str) -> str:
+    """The name beside ``name`` under which a symlink is made, to be renamed
+    over ``name``."""
+    return _beside(name, LINK_SUFFIX)
+
+
+def looks_partial(name: str) -> bool:
+    """Whether ``name`` has the form of a partial file's name."""
+    return name.startswith(".") and name.endswith(PARTIAL_SUFFIX)
+
+
+def _beside(base: str, suffix: str) -> str:
+    # A name of 243 to 255 bytes plus the suffix is over NAME_MAX, and could
+    # never be copied: such a name gets a fixed-length one made from it.
+    name = base + suffix
+    if len(os.fsencode(name)) <= NAME_MAX:
+        return name
+    return "." + hashlib.sha256(os.fsencode(base)).hexdigest()[:32] + suffix
 
 
 def is_within(root: str, path: str) -> bool:

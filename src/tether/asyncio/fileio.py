@@ -22,7 +22,7 @@ import blake3
 
 from ..exceptions import TransferError
 from ..messages import ErrorCode
-from ..paths import partial_name
+from ..paths import link_temp_name, partial_name
 
 __all__ = [
     "CHUNK_SIZE",
@@ -510,7 +510,8 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
 
 def replace_symlink(target: str, path: str) -> None:
     """Make ``path`` a symlink to ``target``, atomically replacing a link or file there."""
-    temp = path + ".tether-link"
+    head, tail = os.path.split(path)
+    temp = os.path.join(head, link_temp_name(tail))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temp)
     os.symlink(target, temp)

@@ -42,7 +42,7 @@ from ..messages import (
     StatReply,
     Symlink,
 )
-from ..paths import UNFINISHED_TREE_MODE, is_unfinished_tree
+from ..paths import UNFINISHED_TREE_MODE, is_unfinished_tree, looks_partial
 from .fileio import (
     FileSource,
     PartialFile,
@@ -472,7 +472,7 @@ async def put_tree(
             if not stat.S_ISDIR(st.st_mode):
                 raise TransferError(ErrorCode.NOT_A_DIRECTORY, f"{local_dir}: not a directory")
             with os.scandir(local_dir) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=lambda e: _copy_order(e.name))
         except OSError as exc:
             raise error_from_os(exc, local_dir) from None
         # Writable until its own mode is set, last; the top marked unfinished.
@@ -501,6 +501,14 @@ async def put_tree(
             with copy.entry(remote_dir):
                 await setattr_path(conn, remote_dir, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
     return copy.outcome()
+
+
+def _copy_order(name: str) -> tuple[bool, str]:
+    """Names in order, those of the form of a partial file last: a real file
+    ``.f.tether-part`` copied before ``f`` became the partial file of ``f``,
+    which took it over and renamed it to ``f``: it was lost, and nothing said
+    so."""
+    return looks_partial(name), name
 
 
 async def _writable_remote_dir(conn: Connection, path: str, mode_if_made: int) -> None:
@@ -561,7 +569,8 @@ async def get_tree(
     dirs: list[tuple[str, RemoteStat]] = []
 
     async def walk(remote_dir: str, local_dir: str, info: RemoteStat) -> None:
-        entries = await listdir(conn, remote_dir)  # before anything is made here
+        # Before anything is made here.
+        entries = sorted(await listdir(conn, remote_dir), key=lambda e: _copy_order(e.name or ""))
         for entry in entries:
             # The agent names what we write: a name that is not one plain
             # component could write outside the destination (as scp's
