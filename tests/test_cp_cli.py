@@ -1591,6 +1591,21 @@ def test_names_of_up_to_255_bytes_and_names_of_partial_files_are_copied(
     assert dest.read_bytes() == b"long"
 
 
+def test_a_link_to_a_directory_named_as_the_source_is_copied_as_its_tree(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    """`tether cp -r link HOST:x`, link -> a directory: its tree is copied,
+    as scp does (and as a download already did). It said "not a directory"."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "f").write_bytes(b"f")
+    (tmp_path / "link").symlink_to("real")
+    assert_silent_success(
+        tether_cli.run(["cp", "-q", "-r", str(tmp_path / "link"), f"{agent.host}:x"], env=agent.env)
+    )
+    assert (agent.root / "x" / "f").read_bytes() == b"f"
+    assert not (agent.root / "x").is_symlink()
+
+
 # 7. Progress bars on a terminal ---------------------------------------------------------
 
 

@@ -468,7 +468,9 @@ async def put_tree(
 
     async def walk(local_dir: str, remote_dir: str) -> None:
         try:
-            st = os.lstat(local_dir)
+            # The top may be a link to a directory (`cp -r link HOST:`, as
+            # scp); below it, links are copied as links.
+            st = os.stat(local_dir) if not dirs else os.lstat(local_dir)
             if not stat.S_ISDIR(st.st_mode):
                 raise TransferError(ErrorCode.NOT_A_DIRECTORY, f"{local_dir}: not a directory")
             with os.scandir(local_dir) as it:
