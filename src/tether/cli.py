@@ -699,7 +699,8 @@ async def _download(
 
 
 def _say_skipped(path: str) -> None:
-    # As scp: named, not an error.
+    # Named, and not an error, as rsync's "skipping non-regular file" (scp
+    # counts it as one): the copy of everything else went well.
     warn(f"{path}: not a regular file, directory or symlink; not copied")
 
 
