@@ -1606,6 +1606,20 @@ def test_a_link_to_a_directory_named_as_the_source_is_copied_as_its_tree(
     assert not (agent.root / "x").is_symlink()
 
 
+def test_a_download_to_a_file_named_as_a_directory_says_it_is_not_one(
+    agent: Agent, tether_cli: type[Cli], tmp_path: Path
+) -> None:
+    """`tether cp HOST:f localfile/` with localfile a file: "not a directory"
+    (it said "no such directory"); with nothing there, "no such directory"."""
+    (agent.root / "f").write_bytes(b"f")
+    (tmp_path / "afile").write_bytes(b"mine")
+    proc = tether_cli.run(["cp", f"{agent.host}:f", f"{tmp_path}/afile/"], env=agent.env)
+    assert_one_line_error(proc, 1, "afile/: not a directory")
+    proc = tether_cli.run(["cp", f"{agent.host}:f", f"{tmp_path}/none/"], env=agent.env)
+    assert_one_line_error(proc, 1, "none/: no such directory")
+    assert (tmp_path / "afile").read_bytes() == b"mine"
+
+
 # 7. Progress bars on a terminal ---------------------------------------------------------
 
 

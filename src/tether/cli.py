@@ -688,8 +688,9 @@ async def _download(
             )
         )
         target = _into(target, name, os.path.join, in_place, quiet)
-    elif target.endswith("/"):
-        raise _CopyRefused(f"{target}: no such directory")
+    elif target.endswith("/"):  # as cp and scp: "dir/" must be a directory
+        what = "not a directory" if os.path.lexists(target.rstrip("/")) else "no such directory"
+        raise _CopyRefused(f"{target}: {what}")
     with TransferBars(quiet=quiet, total=None if info.is_dir else info.size) as bars:
         if info.is_dir:
             return await conn.get_tree(
