@@ -538,7 +538,8 @@ async def test_a_full_disk_ends_a_tree_copy_at_once(agent: Agent, tmp_path: Path
                 await conn.put_tree(src, "small/copy")
         assert not isinstance(info.value, tether.TreeCopyError)
         assert info.value.code == "no_space"
-        assert os.listdir(agent.root / "small" / "copy") == []
+        # Nothing half made: a small file in flight beside it may have landed.
+        assert set(os.listdir(agent.root / "small" / "copy")) <= {"b-small"}
         # After an entry that failed on its own, the error that ends the copy
         # comes with it: the earlier failure is not lost.
         (src / "0-first").write_bytes(b"its destination is a directory")
@@ -551,7 +552,7 @@ async def test_a_full_disk_ends_a_tree_copy_at_once(agent: Agent, tmp_path: Path
     assert error.stopped_by is error.failures[-1]
     assert error.code == "no_space"
     assert str(error) == f"{error.stopped_by} (and 1 more)"
-    assert error.results == []
+    assert [r.path for r in error.results] in ([], ["small/copy2/b-small"])
 
 
 async def test_a_file_too_large_for_the_agent_fails_alone(tmp_path: Path) -> None:

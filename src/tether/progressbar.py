@@ -13,9 +13,10 @@ __all__ = ["TransferBars"]
 
 
 class TransferBars:
-    """A bar for the file being copied plus, for a tree, a total, fed by the
-    API's ``progress`` callback; each finished file of a tree leaves its bar
-    for a line above the bars, as scp prints one line per file.
+    """A bar for each file being copied plus, for a tree, a total, fed by the
+    API's ``progress`` callback (a tree copies a few files at once). When a
+    new file starts, the finished ones leave their bars for a line each
+    above the bars, as scp prints one line per file.
 
     One bar per file kept for the whole copy made every redraw longer than
     the last: a tree of 1,000 small files took minutes on a terminal where
@@ -27,11 +28,9 @@ class TransferBars:
 
     def __init__(self, *, quiet: bool, total: int | None = None) -> None:
         self.enabled = not quiet and sys.stderr.isatty()
-        self._path: str | None = None  # the file being copied
-        self._name = ""
-        self._task: Any = None
-        self._done = 0  # of the file being copied
-        self._finished = 0  # bytes of the files before it
+        self._bars: dict[str, _Bar] = {}  # the files shown, by path
+        self._files = 0  # files seen
+        self._finished = 0  # bytes of the files whose bars have gone
         self._total_task: Any = None
         self._total = total
         self._progress: Any = None
@@ -72,24 +71,37 @@ class TransferBars:
         progress = self._progress
         if progress is None:
             return
-        if path != self._path:
-            if self._path is not None:
-                self._leave_a_line()
-                if self._total_task is None:  # a second file: it is a tree, show the sum too
-                    self._total_task = progress.add_task("total", total=self._total)
-            self._path = path
-            self._name = printable(os.path.basename(path.rstrip("/")) or path)
-            self._task = progress.add_task(self._name, total=total)
-        progress.update(self._task, completed=done, total=total)
-        self._done = done
+        bar = self._bars.get(path)
+        if bar is None:
+            self._files += 1
+            self._leave_lines()
+            if self._files == 2:  # a second file: it is a tree, show the sum too
+                self._total_task = progress.add_task("total", total=self._total)
+            name = printable(os.path.basename(path.rstrip("/")) or path)
+            bar = self._bars[path] = _Bar(name, progress.add_task(name, total=total), total)
+        progress.update(bar.task, completed=done, total=total)
+        bar.done, bar.total = done, total
         if self._total_task is not None:
-            progress.update(self._total_task, completed=self._finished + done)
+            shown = sum(bar.done for bar in self._bars.values())  # a few files at most
+            progress.update(self._total_task, completed=self._finished + shown)
 
-    def _leave_a_line(self) -> None:
+    def _leave_lines(self) -> None:
+        """The finished files leave their bars for a line each."""
         from rich.filesize import decimal
         from rich.text import Text
 
-        self._progress.remove_task(self._task)
-        self._finished += self._done
-        # Text, not a string: a file name is not markup either.
-        self._progress.console.print(Text(f"{self._name}  {decimal(self._done)}"))
+        for path, bar in list(self._bars.items()):
+            if bar.done < bar.total:
+                continue
+            del self._bars[path]
+            self._progress.remove_task(bar.task)
+            self._finished += bar.done
+            # Text, not a string: a file name is not markup either.
+            self._progress.console.print(Text(f"{bar.name}  {decimal(bar.done)}"))
+
+
+class _Bar:
+    __slots__ = ("done", "name", "task", "total")
+
+    def __init__(self, name: str, task: Any, total: int) -> None:
+        self.name, self.task, self.total, self.done = name, task, total, 0

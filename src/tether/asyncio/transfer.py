@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -386,9 +387,17 @@ regular file, a directory nor a symlink (a socket, a FIFO, a device)."""
 _Dir = TypeVar("_Dir")
 
 
+FILES_IN_FLIGHT = 8  # files of a tree copied at once
+
+
 class _TreeCopy:
     """The files a tree copy has copied, the entries it could not, and
-    whether its top directory is its own (new, or an unfinished copy's)."""
+    whether its top directory is its own (new, or an unfinished copy's).
+
+    Files are copied FILES_IN_FLIGHT at a time (:meth:`send`): one at a time,
+    a tree of small files cost two round trips and two fsyncs per file, and
+    copied 30-60 times slower than ``cp -r``.
+    """
 
     def __init__(self, skipped: Skipped | None, *, fresh: bool) -> None:
         self.results: list[TransferResult] = []
@@ -397,6 +406,50 @@ class _TreeCopy:
         # The top directory is made by this copy, or by an unfinished one: it
         # is marked unfinished until everything has been copied into it.
         self.fresh = fresh
+        self._slots = asyncio.Semaphore(FILES_IN_FLIGHT)
+        self._flying: set[asyncio.Task[None]] = set()
+        self._fatal: BaseException | None = None  # what ends the copy, from a file in flight
+
+    async def send(self, shown: str, transfer: Callable[[], Awaitable[TransferResult]]) -> None:
+        """Start copying the file ``shown`` beside those in flight. Its own
+        failure is recorded as :meth:`entry` does; one that ends the copy is
+        raised by a later :meth:`send` or by :meth:`landed`."""
+        await self._slots.acquire()
+        if self._fatal is not None:
+            self._slots.release()
+            await self.landed()
+        task = asyncio.get_running_loop().create_task(self._one(shown, transfer))
+        self._flying.add(task)
+        task.add_done_callback(self._flying.discard)
+
+    async def _one(self, shown: str, transfer: Callable[[], Awaitable[TransferResult]]) -> None:
+        try:
+            with self.entry(shown):
+                self.results.append(await transfer())
+        except Exception as exc:  # entry() let it through: it ends the copy
+            if self._fatal is None:
+                self._fatal = exc
+        finally:
+            self._slots.release()
+
+    async def landed(self) -> None:
+        """Wait until every file in flight has been copied (or failed).
+
+        Raises:
+            TetherError: one of them failed in a way that ends the copy.
+        """
+        while self._flying and self._fatal is None:
+            await asyncio.wait(set(self._flying), return_when=asyncio.FIRST_EXCEPTION)
+        if self._fatal is not None:
+            await self.abort()
+            raise self._fatal
+
+    async def abort(self) -> None:
+        """End the files still in flight (an error, or the copy cancelled)."""
+        flying = list(self._flying)
+        for task in flying:
+            task.cancel()
+        await asyncio.gather(*flying, return_exceptions=True)
 
     def skip(self, path: str) -> None:
         if self.skipped is not None:
@@ -485,20 +538,29 @@ async def put_tree(
         dirs.append((remote_dir, st))
         for entry in entries:
             target = _join(remote_dir, entry.name)
+            if looks_partial(entry.name):
+                await copy.landed()  # not while the file it may be the partial of flies
             with copy.entry(entry.path):
                 if entry.is_symlink():
                     await symlink(conn, target, os.readlink(entry.path))
                 elif entry.is_dir(follow_symlinks=False):
                     await walk(entry.path, target)
                 elif entry.is_file(follow_symlinks=False):
-                    copy.results.append(
-                        await put_file(conn, entry.path, target, resume=resume, progress=progress)
+                    await copy.send(
+                        entry.path,
+                        functools.partial(
+                            put_file, conn, entry.path, target, resume=resume, progress=progress
+                        ),
                     )
                 else:  # a socket, a FIFO, a device
                     copy.skip(entry.path)
 
     with copy.stopping():
-        await walk(local, remote)
+        try:
+            await walk(local, remote)
+            await copy.landed()
+        finally:
+            await copy.abort()
         for remote_dir, st in copy.to_finish(dirs):
             with copy.entry(remote_dir):
                 await setattr_path(conn, remote_dir, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
@@ -604,21 +666,25 @@ async def get_tree(
             assert entry.name is not None
             source = _join(remote_dir, entry.name)
             target = os.path.join(local_dir, entry.name)
+            if looks_partial(entry.name):
+                await copy.landed()  # not while the file it may be the partial of flies
             with copy.entry(target):
                 if entry.type == "link" and entry.target is not None:
                     replace_symlink(entry.target, target)
                 elif entry.type == "dir":
                     await walk(source, target, entry)
                 elif entry.type == "file":
-                    copy.results.append(
-                        await get_file(
+                    await copy.send(
+                        target,
+                        functools.partial(
+                            get_file,
                             conn,
                             source,
                             target,
                             resume=resume,
                             progress=progress,
                             into_streams=False,
-                        )
+                        ),
                     )
                 else:  # a socket, a FIFO, a device
                     copy.skip(source)
@@ -627,7 +693,11 @@ async def get_tree(
     if not top.is_dir:
         raise RemoteError(ErrorCode.NOT_A_DIRECTORY, f"{remote}: not a directory")
     with copy.stopping():
-        await walk(remote, local, top)
+        try:
+            await walk(remote, local, top)
+            await copy.landed()
+        finally:
+            await copy.abort()
         for local_dir, info in copy.to_finish(dirs):
             with copy.entry(local_dir):
                 os.chmod(local_dir, info.mode)
