@@ -439,7 +439,9 @@ class _TreeCopy:
             TetherError: one of them failed in a way that ends the copy.
         """
         while self._flying and self._fatal is None:
-            await asyncio.wait(set(self._flying), return_when=asyncio.FIRST_EXCEPTION)
+            # One at a time: an error that ends the copy ends it at once,
+            # not once every other file in flight is done.
+            await asyncio.wait(set(self._flying), return_when=asyncio.FIRST_COMPLETED)
         if self._fatal is not None:
             await self.abort()
             raise self._fatal
