@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import os
 import stat
@@ -400,8 +401,10 @@ class _TreeCopy:
     """
 
     def __init__(self, skipped: Skipped | None, *, fresh: bool) -> None:
-        self.results: list[TransferResult] = []
-        self.failures: list[TetherError] = []
+        # By place in the tree (files land in any order): see the properties.
+        self._results: list[tuple[int, TransferResult]] = []
+        self._failures: list[tuple[int, TetherError]] = []
+        self._places = itertools.count()
         self.skipped = skipped
         # The top directory is made by this copy, or by an unfinished one: it
         # is marked unfinished until everything has been copied into it.
@@ -414,18 +417,21 @@ class _TreeCopy:
         """Start copying the file ``shown`` beside those in flight. Its own
         failure is recorded as :meth:`entry` does; one that ends the copy is
         raised by a later :meth:`send` or by :meth:`landed`."""
+        place = next(self._places)
         await self._slots.acquire()
         if self._fatal is not None:
             self._slots.release()
             await self.landed()
-        task = asyncio.get_running_loop().create_task(self._one(shown, transfer))
+        task = asyncio.get_running_loop().create_task(self._one(shown, transfer, place))
         self._flying.add(task)
         task.add_done_callback(self._flying.discard)
 
-    async def _one(self, shown: str, transfer: Callable[[], Awaitable[TransferResult]]) -> None:
+    async def _one(
+        self, shown: str, transfer: Callable[[], Awaitable[TransferResult]], place: int
+    ) -> None:
         try:
-            with self.entry(shown):
-                self.results.append(await transfer())
+            with self.entry(shown, place):
+                self._results.append((place, await transfer()))
         except Exception as exc:  # entry() let it through: it ends the copy
             if self._fatal is None:
                 self._fatal = exc
@@ -457,28 +463,41 @@ class _TreeCopy:
         if self.skipped is not None:
             self.skipped(path)
 
+    @property
+    def results(self) -> list[TransferResult]:
+        """The files copied, in the order of the tree."""
+        return [result for _, result in sorted(self._results, key=_first)]
+
+    @property
+    def failures(self) -> list[TetherError]:
+        """The entries that could not be copied, in the order of the tree."""
+        return [error for _, error in sorted(self._failures, key=_first)]
+
     @contextlib.contextmanager
-    def entry(self, shown: str) -> Iterator[None]:
-        """Record an error of the entry ``shown`` and go on; re-raise any other."""
+    def entry(self, shown: str, place: int | None = None) -> Iterator[None]:
+        """Record an error of the entry ``shown`` (at ``place`` in the tree:
+        the next one if not given) and go on; re-raise any other."""
+        if place is None:
+            place = next(self._places)
         try:
             yield
         except (RemoteError, TransferError) as exc:
             if exc.code not in _ENTRY_CODES or isinstance(exc, AuthenticationError):
                 raise
-            self.failures.append(exc)
+            self._failures.append((place, exc))
         except TetherError:
             raise
         except OSError as exc:  # this side's, outside a transfer (readlink, chmod...)
             error = error_from_os(exc, shown)
             if error.code not in _ENTRY_CODES:
                 raise error from None
-            self.failures.append(error)
+            self._failures.append((place, error))
 
     def to_finish(self, dirs: list[_Dir]) -> list[_Dir]:
         """The directories to give their own mode and mtime, children first
         (their writes touch the parent): all of them, except the top of a
         fresh copy that missed entries, which stays marked unfinished."""
-        keep_top = self.fresh and bool(self.failures)
+        keep_top = self.fresh and bool(self._failures)
         return list(reversed(dirs[1:] if keep_top else dirs))
 
     @contextlib.contextmanager
@@ -487,15 +506,19 @@ class _TreeCopy:
         try:
             yield
         except TetherError as exc:
-            if not self.failures:
+            if not self._failures:
                 raise
             raise TreeCopyError([*self.failures, exc], self.results, stopped_by=exc) from exc
 
     def outcome(self) -> list[TransferResult]:
         """The results, or TreeCopyError if any entry failed."""
-        if self.failures:
+        if self._failures:
             raise TreeCopyError(self.failures, self.results)
         return self.results
+
+
+def _first(pair: tuple[int, object]) -> int:
+    return pair[0]
 
 
 def _join(base: str, name: str) -> str:
