@@ -133,12 +133,14 @@ class RemoteProcess:
         self.id = request_id
         # Also carries _ENDED, which only this class puts there.
         self._queue = cast("asyncio.Queue[Message | Closed | _Ended]", queue)
-        self._stdin = stdin
         # write() and close_stdin() take turns: an end-of-file sent while a
         # write waited for credit cut the data short, and the write returned.
         self._stdin_turn = asyncio.Lock()
-        # Credit frames open it; forget() and a failed connection close it.
-        self._window = self._wire.windows[request_id] = StdinWindow(conn.stdin_window)
+        # With stdin=True only. Credit frames open it; the command's end and a
+        # failed connection close it.
+        self._window: StdinWindow | None = None
+        if stdin:
+            self._window = self._wire.windows[request_id] = StdinWindow(conn.stdin_window)
         self.exit_status: ExitStatus | None = None
         # How it ended, if not with an exit status: raised again by every later
         # iteration or wait(), which would otherwise wait for a frame that
@@ -146,7 +148,7 @@ class RemoteProcess:
         self._failure: Exception | None = None
         # Set by whichever task takes the last frame: other readers and wait()
         # learn the end from it, not from a frame that went to someone else.
-        self._ended: asyncio.Future[None] = self._wire.loop.create_future()
+        self._over = False
         # Tasks waiting in __anext__ for the next frame: wait() leaves the
         # output to them rather than take their frames. Counted only while
         # they wait: a task that broke out of its loop reads no more.
@@ -157,7 +159,7 @@ class RemoteProcess:
         return self
 
     async def __anext__(self) -> Output:
-        if self._ended.done():
+        if self._over:
             self._raise_end()
         if self._queue.empty():
             self._wire.check_loop()  # nothing would ever come on an ended loop
@@ -199,12 +201,12 @@ class RemoteProcess:
 
     def _end(self, failure: Exception | None) -> None:
         """Record how the command ended and wake everyone waiting for it."""
-        if self._ended.done():
+        if self._over:
             return
+        self._over = True
         self._failure = failure
         self._forget()
         self._queue.put_nowait(_ENDED)
-        self._ended.set_result(None)
         self._stir()
 
     def _raise_end(self) -> NoReturn:
@@ -258,7 +260,8 @@ class RemoteProcess:
                 ``data`` is not bytes-like.
             ConnectionClosed: the connection ended first.
         """
-        if not self._stdin:
+        window = self._window
+        if window is None:
             raise UsageError("the command was started without stdin=True")
         view = _byte_view(data, "write() data")
         async with self._stdin_turn:
@@ -267,7 +270,7 @@ class RemoteProcess:
             step = self._conn.max_body
             start = 0
             while start < len(view):
-                size = await self._window.take(min(step, len(view) - start))
+                size = await window.take(min(step, len(view) - start))
                 if not size:
                     if self._wire.error is not None:
                         raise self._wire.error
@@ -302,7 +305,7 @@ class RemoteProcess:
         So a reader that awaits something else between two pieces may lose
         the pieces that come meanwhile to a ``wait()`` in another task.
         """
-        while not self._ended.done():
+        while not self._over:
             if self._reading:
                 await self._stirring().wait()
             else:

@@ -12,6 +12,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..exceptions import (
@@ -466,12 +467,12 @@ class _TreeCopy:
     @property
     def results(self) -> list[TransferResult]:
         """The files copied, in the order of the tree."""
-        return [result for _, result in sorted(self._results, key=_first)]
+        return [result for _, result in sorted(self._results, key=itemgetter(0))]
 
     @property
     def failures(self) -> list[TetherError]:
         """The entries that could not be copied, in the order of the tree."""
-        return [error for _, error in sorted(self._failures, key=_first)]
+        return [error for _, error in sorted(self._failures, key=itemgetter(0))]
 
     @contextlib.contextmanager
     def entry(self, shown: str, place: int | None = None) -> Iterator[None]:
@@ -515,10 +516,6 @@ class _TreeCopy:
         if self._failures:
             raise TreeCopyError(self.failures, self.results)
         return self.results
-
-
-def _first(pair: tuple[int, object]) -> int:
-    return pair[0]
 
 
 def _join(base: str, name: str) -> str:
