@@ -416,8 +416,9 @@ class _TreeCopy:
 
     async def send(self, shown: str, transfer: Callable[[], Awaitable[TransferResult]]) -> None:
         """Start copying the file ``shown`` beside those in flight. Its own
-        failure is recorded as :meth:`entry` does; one that ends the copy is
-        raised by a later :meth:`send` or by :meth:`landed`."""
+        failure is recorded as :meth:`entry` does; one that ends the copy
+        starts no more files, and is raised by a later :meth:`send` or by
+        :meth:`landed`."""
         place = next(self._places)
         await self._slots.acquire()
         if self._fatal is not None:
@@ -445,12 +446,12 @@ class _TreeCopy:
         Raises:
             TetherError: one of them failed in a way that ends the copy.
         """
-        while self._flying and self._fatal is None:
-            # One at a time: an error that ends the copy ends it at once,
-            # not once every other file in flight is done.
-            await asyncio.wait(set(self._flying), return_when=asyncio.FIRST_COMPLETED)
+        # After an error that ends the copy too: the files in flight land
+        # (or fail, and remove their partial files) rather than be cancelled,
+        # which would leave their partial files behind on, say, a full disk.
+        while self._flying:
+            await asyncio.wait(set(self._flying))
         if self._fatal is not None:
-            await self.abort()
             raise self._fatal
 
     async def abort(self) -> None:
